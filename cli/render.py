@@ -1,0 +1,172 @@
+"""Terminal output of the CLI (rich tables, the live stage view)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True)
+
+STATE_STYLE = {"pending": "dim", "running": "yellow", "cached": "cyan", "done": "green",
+               "failed": "bold red", "blocked": "magenta"}
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+def validated(loaded: Any, plan: Any) -> None:
+    spec = loaded.spec
+    out.print(f"[green]ok[/] {loaded.path}: spec {spec.name!r}, recipe {spec.recipe.type!r}, "
+              f"{len(loaded.variants)} variant(s), {len(plan.stages)} stage(s)")
+    for path, value in plan.missing_data:
+        out.print(f"[yellow]warning[/] data input {path} = {value} does not exist "
+                  "(needed before `retro run`)")
+
+
+def plan_table(loaded: Any, plan: Any) -> None:
+    spec = loaded.spec
+    out.print(f"[bold]{spec.name}[/] recipe={spec.recipe.type} variants="
+              f"{', '.join(plan.variants)}" + (f"\n{spec.description}" if spec.description
+                                               else ""))
+    table = Table(show_lines=False)
+    for col in ("stage", "key", "status", "resources", "variants", "info"):
+        table.add_column(col, overflow="fold")
+    for s in plan.stages:
+        r = s.resources
+        res = f"{r.num_workers}x({r.cpus_per_worker:g} cpu" + \
+            (f", {r.gpus_per_worker:g} gpu" if r.gpus_per_worker else "") + ")"
+        shared = len(s.variants) == len(plan.variants) and len(plan.variants) > 1
+        table.add_row(s.name, s.key[:10], "cached" if s.cached else "to run", res,
+                      "all (shared)" if shared else ", ".join(s.variants),
+                      "\n".join(f"{k}: {v}" for k, v in s.info.items()))
+    out.print(table)
+    t = plan.to_json()["totals"]
+    out.print(f"{t['stages']} stages: {t['to_run']} to run, {t['cached']} cached, "
+              f"{t['shared']} shared by several variants")
+    for path, value in plan.missing_data:
+        out.print(f"[yellow]missing data[/] {path} = {value}")
+
+
+class LiveProgress:
+    """A live table of stage states when interactive; one line per event otherwise."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live = Live(console=err, refresh_per_second=2, transient=False) \
+            if err.is_terminal else None
+
+    def __enter__(self) -> "LiveProgress":
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live:
+            self.live.update(self._table())
+            self.live.__exit__(*exc)
+
+    def event(self, kind: str, node: Any, extra: dict[str, Any]) -> None:
+        row = self.rows.setdefault(node.id, {"name": node.name, "state": kind, "t0": None,
+                                             "t1": None})
+        row["state"] = kind
+        if kind == "started":
+            row["state"], row["t0"] = "running", time.time()
+        elif kind in ("done", "failed", "cached", "blocked"):
+            row["t1"] = time.time()
+        if self.live:
+            self.live.update(self._table())
+        else:
+            extra_text = f" ({extra['error']})" if "error" in extra else ""
+            print(f"[{time.strftime('%H:%M:%S')}] {row['state']:8s} {node.id}{extra_text}",
+                  file=sys.stderr, flush=True)
+
+    def _table(self) -> Table:
+        table = Table("stage", "state", "elapsed")
+        for sid, row in self.rows.items():
+            elapsed = ""
+            if row["t0"]:
+                elapsed = f"{(row['t1'] or time.time()) - row['t0']:.1f}s"
+            st = row["state"]
+            table.add_row(sid, f"[{STATE_STYLE.get(st, '')}]{st}[/]", elapsed)
+        return table
+
+
+def run_summary(record: Any, outcome: Any, plan: Any) -> None:
+    counts: dict[str, int] = {}
+    for state in outcome.states.values():
+        counts[state] = counts.get(state, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    status = "[green]done[/]" if outcome.ok else "[bold red]failed[/]"
+    out.print(f"run {record.name} {status}: {summary}\n  folder: {record.dir}")
+    for f in outcome.failures:
+        error(str(f))
+
+
+def runs_table(records: list[Any]) -> None:
+    table = Table("run", "status", "stages", "started")
+    for r in records:
+        st = r.status()
+        events = r.events()
+        n = sum(1 for e in events if e["event"] in ("done", "cached"))
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.dir.stat().st_mtime))
+        table.add_row(r.name, st.get("status", "?"), str(n), started)
+    out.print(table)
+
+
+def run_details(record: Any) -> None:
+    import json
+
+    plan = json.loads((record.dir / "plan.json").read_text())
+    states: dict[str, str] = {}
+    for e in record.events():
+        if "id" in e:
+            states[e["id"]] = e["event"]
+    out.print(f"[bold]{record.name}[/] status={record.status().get('status')} ({record.dir})")
+    table = Table("stage", "key", "state", "variants")
+    for s in plan["stages"]:
+        table.add_row(s["name"], s["key"][:10], states.get(s["id"], "pending"),
+                      ", ".join(s["variants"]))
+    out.print(table)
+
+
+def components_table(registry: Any, kinds: list[str]) -> None:
+    from retro.platform.registry import KINDS
+
+    for kind in kinds:
+        table = Table(title=f"{kind}: {KINDS[kind]}", title_justify="left")
+        table.add_column("name")
+        table.add_column("description")
+        for e in registry.entries(kind):
+            table.add_row(e.name + (" (default)" if e.default else ""), e.doc)
+        out.print(table)
+
+
+def component(entry: Any) -> None:
+    out.print(f"[bold]{entry.kind} {entry.name}[/]  ({entry.module})\n{entry.doc}")
+    cls = entry.config_cls
+    if cls is None:
+        out.print("(no configuration)")
+        return
+    table = Table("field", "type", "default", "description")
+    for name, f in cls.model_fields.items():
+        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        table.add_row(name, ann, default, f.description or "")
+    out.print(table)
+
+
+def diff_table(a: Any, b: Any, rows: list[tuple[str, Any, Any]]) -> None:
+    if not rows:
+        out.print("no differences")
+        return
+    table = Table("field", str(a), str(b))
+    for path, va, vb in rows:
+        table.add_row(path, repr(va), repr(vb))
+    out.print(table)

@@ -1,0 +1,17 @@
+"""Registers retro's built-in components (entry point `retro.components:builtin`).
+
+Component modules keep torch, faiss, transformers and ray imports inside functions, so loading
+them all costs milliseconds and `retro validate` stays fast.
+"""
+
+import importlib
+
+MODULES = [
+    "retro.components.trackers.basic",
+]
+
+
+def register_all() -> None:
+    """Import the modules whose decorators register built-in components."""
+    for name in MODULES:
+        importlib.import_module(name)

@@ -1,0 +1,118 @@
+"""Executing one planned stage: lock, compute into a temp dir, commit. Runs inside a Ray task."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retro.platform.errors import StageFailed, UserError
+from retro.platform.plan import PlannedStage
+from retro.platform.registry import registry
+from retro.platform.spec.model import ResourceRequest
+from retro.platform.stage import StageContext, stage_logger
+from retro.platform.store import ArtifactStore
+from retro.platform.tracking import TrackingInfo, build_trackers
+
+
+@dataclass
+class StagePayload:
+    node: PlannedStage
+    store_root: str
+    log_file: str
+    inputs: dict[str, tuple[str, str]]         # slot -> (stage type, key)
+    tracking: list[dict[str, Any]] = field(default_factory=list)
+    info: TrackingInfo | None = None
+
+
+def execute_stage(p: StagePayload) -> dict[str, Any]:
+    """Compute `p.node` unless its artifact exists; returns {status, seconds, summary}."""
+    registry.load_plugins()
+    store = ArtifactStore(p.store_root)
+    node = p.node
+    if store.exists(node.stage, node.key):
+        return {"status": "cached"}
+    with store.lock(node.stage, node.key):
+        if store.exists(node.stage, node.key):  # another process finished it while we waited
+            return {"status": "cached"}
+        return _compute(p, store)
+
+
+def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
+    node = p.node
+    log_file = Path(p.log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log = stage_logger(node.id, log_file)
+    tmp = store.new_tmp(node.stage, node.key)
+    work = store.work_dir(node.stage, node.key)
+    (work / "metrics.jsonl").unlink(missing_ok=True)
+    tracker = build_trackers(p.tracking, p.info) if p.info else build_trackers([], None)
+    ctx = StageContext(
+        name=node.name, stage=node.stage, key=node.key, params=node.params,
+        inputs={slot: store.get(*ref) for slot, ref in p.inputs.items()},
+        out_dir=tmp, work_dir=work, seed=node.seed, resources=node.resources, log=log,
+        tracker=tracker, variants=list(node.variants), _parallel_map=_ray_parallel_map)
+    log.info("stage %s (%s) key %s starting; params %s", node.name, node.stage, node.key,
+             node.params)
+    t0 = time.time()
+    try:
+        fn = registry.get("stage", node.stage).obj
+        summary = fn(ctx) or {}
+        seconds = time.time() - t0
+        if (work / "metrics.jsonl").exists():
+            shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
+        artifact = store.commit(tmp, node.stage, node.key, {
+            "name": node.name, "version": node.version, "params": node.params,
+            "inputs": {slot: {"stage": s, "key": k} for slot, (s, k) in p.inputs.items()},
+            "seconds": round(seconds, 3), "summary": {**ctx.summary, **summary},
+            "packages": _versions()})
+        tracker.log_metrics({f"summary/{k}": v for k, v in summary.items()
+                             if isinstance(v, (int, float))})
+        tracker.log_artifact(artifact, {slot: f"{s}/{k}" for slot, (s, k) in p.inputs.items()})
+        tracker.finish("success")
+        log.info("stage %s done in %.1fs", node.name, seconds)
+        return {"status": "done", "seconds": seconds, "summary": summary}
+    except BaseException as e:  # noqa: BLE001 - reported, then re-raised as StageFailed
+        log.error("stage %s failed:\n%s", node.name, traceback.format_exc())
+        shutil.rmtree(tmp, ignore_errors=True)
+        tracker.finish("failed")
+        cause = f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
+        raise StageFailed(node.name, node.key, cause, str(log_file),
+                          user_error=isinstance(e, UserError)) from None
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("retro", "torch", "numpy", "faiss-cpu", "faiss-gpu", "transformers", "ray"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest) -> list:
+    """Run `fn` over `items` as Ray tasks, at most `res.num_workers` at a time, in order."""
+    import ray
+
+    if not ray.is_initialized():
+        return [fn(x) for x in items]
+    task = ray.remote(fn).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+                                  max_retries=0)
+    refs, results, inflight = [], {}, {}
+    for i, item in enumerate(items):
+        if len(inflight) >= res.num_workers:
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                results[inflight.pop(ref)] = ray.get(ref)
+        ref = task.remote(item)
+        inflight[ref] = i
+        refs.append(ref)
+    for ref, i in inflight.items():
+        results[i] = ray.get(ref)
+    return [results[i] for i in range(len(items))]

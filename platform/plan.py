@@ -1,0 +1,169 @@
+"""Planning: validated spec variants -> one DAG of content-keyed stages, shared across variants.
+
+Pure and fast (no Ray, no torch): `retro plan` and the first step of `retro run` call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from retro.platform.errors import SpecError, SpecIssue
+from retro.platform.hashing import content_key
+from retro.platform.registry import close_matches, registry
+from retro.platform.spec import LoadedSpec, Variant
+from retro.platform.spec.model import ResourceRequest
+from retro.platform.spec.types import data_paths, path_exists
+from retro.platform.stage import StageCall
+from retro.platform.store import ArtifactStore
+
+_MISSING = object()
+
+
+@dataclass
+class PlannedStage:
+    """A unique (stage type, key) node of the run's DAG."""
+
+    id: str                       # "<name>@<key[:8]>", unique in the plan
+    name: str
+    stage: str
+    version: str
+    key: str
+    params: dict[str, Any]
+    inputs: dict[str, str]        # slot -> id of the producing PlannedStage
+    resources: ResourceRequest
+    distributed: bool
+    seed: int
+    variants: list[str] = field(default_factory=list)
+    cached: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "stage": self.stage, "version": self.version,
+                "key": self.key, "params": self.params, "inputs": self.inputs,
+                "resources": self.resources.model_dump(), "distributed": self.distributed,
+                "variants": self.variants, "cached": self.cached, "info": self.info}
+
+
+@dataclass
+class Plan:
+    stages: list[PlannedStage]                     # topological order
+    variants: dict[str, dict[str, str]]            # variant -> call name -> stage id
+    missing_data: list[tuple[str, str]] = field(default_factory=list)
+
+    def by_id(self, stage_id: str) -> PlannedStage:
+        return next(s for s in self.stages if s.id == stage_id)
+
+    @property
+    def to_run(self) -> list[PlannedStage]:
+        return [s for s in self.stages if not s.cached]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stages": [s.to_json() for s in self.stages], "variants": self.variants,
+                "missing_data": [{"path": p, "value": v} for p, v in self.missing_data],
+                "totals": {"stages": len(self.stages), "to_run": len(self.to_run),
+                           "cached": len(self.stages) - len(self.to_run),
+                           "shared": sum(len(s.variants) > 1 for s in self.stages)}}
+
+
+def build_plan(loaded: LoadedSpec, store: ArtifactStore | None = None,
+               with_info: bool = False) -> Plan:
+    """Resolve every variant's stage calls, key them, and merge equal keys.
+
+    Raises:
+        SpecError: a recipe asked for an unknown stage or a resources entry names no stage.
+    """
+    nodes: dict[str, PlannedStage] = {}
+    variants: dict[str, dict[str, str]] = {}
+    for variant in loaded.variants:
+        variants[variant.name] = _plan_variant(variant, nodes)
+    _check_resources(loaded, variants)
+    ordered = list(nodes.values())  # insertion order is topological (inputs planned first)
+    if store is not None:
+        for node in ordered:
+            node.cached = store.exists(node.stage, node.key)
+    if with_info:
+        for node in ordered:
+            estimate = getattr(registry.get("stage", node.stage).obj, "estimate", None)
+            if estimate is not None:
+                node.info = estimate(node.params)
+    missing = [(p, v) for variant in loaded.variants for p, v in data_paths(variant.spec)
+               if not path_exists(v)]
+    return Plan(ordered, variants, sorted(set(missing)))
+
+
+def _plan_variant(variant: Variant, nodes: dict[str, PlannedStage]) -> dict[str, str]:
+    spec = variant.spec
+    recipe = registry.get("recipe", spec.recipe.type).obj(spec.recipe)
+    calls: list[StageCall] = list(recipe.stages(spec))
+    dumped = spec.model_dump(mode="json")
+    ids: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for call in _toposort(calls):
+        entry = registry.get("stage", call.stage)
+        params = {name: _lookup(dumped, path, call) for name, path in call.reads.items()}
+        params.update(call.consts)
+        input_keys = {slot: keys[src] for slot, src in call.inputs.items()}
+        key = content_key(call.stage, entry.version, params, input_keys)
+        node_id = f"{call.name}@{key[:8]}"
+        if node_id not in nodes:
+            nodes[node_id] = PlannedStage(
+                node_id, call.name, call.stage, entry.version, key, params,
+                {slot: ids[src] for slot, src in call.inputs.items()},
+                spec.resources.stages.get(call.name, spec.resources.default),
+                call.distributed, spec.seed)
+        nodes[node_id].variants.append(variant.name)
+        ids[call.name], keys[call.name] = node_id, key
+    return ids
+
+
+def _lookup(data: Any, path: str, call: StageCall) -> Any:
+    node = data
+    for part in path.split(".") if path else []:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise KeyError(f"stage {call.name!r} reads spec path {path!r}, which does not exist")
+    return node
+
+
+def _toposort(calls: list[StageCall]) -> list[StageCall]:
+    by_name = {c.name: c for c in calls}
+    if len(by_name) != len(calls):
+        raise ValueError("recipe produced duplicate stage names")
+    out, state = [], {}
+
+    def visit(c: StageCall) -> None:
+        if state.get(c.name) == "done":
+            return
+        if state.get(c.name) == "active":
+            raise ValueError(f"recipe produced a cycle through stage {c.name!r}")
+        state[c.name] = "active"
+        for src in c.inputs.values():
+            if src not in by_name:
+                raise ValueError(f"stage {c.name!r} takes input from unknown stage {src!r}")
+            visit(by_name[src])
+        state[c.name] = "done"
+        out.append(c)
+
+    for c in calls:
+        visit(c)
+    return out
+
+
+def _check_resources(loaded: LoadedSpec, variants: dict[str, dict[str, str]]) -> None:
+    names = sorted({name for calls in variants.values() for name in calls})
+    issues = []
+    for variant in loaded.variants:
+        for name in variant.spec.resources.stages:
+            if name not in names:
+                close = close_matches(name, names)
+                issues.append(SpecIssue(
+                    f"resources.stages.{name}", "no stage of this name in the plan",
+                    *loaded.source.locate(("resources", "stages", name)), name, True,
+                    (f"did you mean {' or '.join(map(repr, close))}? " if close else "")
+                    + f"stages: {', '.join(names)}"))
+    if issues:
+        raise SpecError(issues)

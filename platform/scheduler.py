@@ -1,0 +1,144 @@
+"""Walks a plan on Ray: ready stages become Ray tasks with their declared resources.
+
+Independent stages and sweep variants run concurrently. A failed stage stops only its
+dependents; everything else finishes. The driver holds no results in memory: stages exchange
+artifacts through the store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from retro.platform.errors import StageFailed
+from retro.platform.execute import StagePayload, execute_stage
+from retro.platform.plan import Plan, PlannedStage
+from retro.platform.tracking import TrackingInfo
+
+EventSink = Callable[[str, PlannedStage, dict[str, Any]], None]
+
+
+@dataclass
+class RunOutcome:
+    states: dict[str, str] = field(default_factory=dict)        # id -> cached/done/failed/...
+    failures: list[StageFailed] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and all(s in ("cached", "done") for s in self.states.values())
+
+
+def ray_env() -> None:
+    """Quiet, local-friendly Ray defaults (each can be overridden by the environment)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"rr{os.getuid()}"))
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join `address` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
+    ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR")
+    return True
+
+
+def run_plan(plan: Plan, store_root: Path, log_dir: Path, *, run_name: str,
+             tracking: dict[str, list[dict]], configs: dict[str, dict],
+             on_event: EventSink, max_concurrent: int | None = None) -> RunOutcome:
+    """Execute every non-cached stage of `plan` on the connected Ray cluster."""
+    out = RunOutcome({s.id: ("cached" if s.cached else "pending") for s in plan.stages})
+    for s in plan.stages:
+        if s.cached:
+            on_event("cached", s, {})
+    if not plan.to_run:
+        return out
+    import ray
+
+    remote = ray.remote(execute_stage)
+    inflight: dict[Any, PlannedStage] = {}
+    while True:
+        for node in plan.stages:
+            if max_concurrent and len(inflight) >= max_concurrent:
+                break
+            if out.states[node.id] == "pending" and all(
+                    out.states[i] in ("cached", "done") for i in node.inputs.values()):
+                ref = remote.options(name=node.id, max_retries=0, **_task_resources(node)) \
+                    .remote(_payload(plan, node, store_root, log_dir, run_name, tracking,
+                                     configs))
+                inflight[ref] = node
+                out.states[node.id] = "running"
+                on_event("started", node, {})
+        if not inflight:
+            break
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in done:
+            node = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+                out.states[node.id] = "done" if result["status"] == "done" else "cached"
+                on_event(out.states[node.id], node, result)
+            except Exception as e:  # noqa: BLE001 - every failure becomes a StageFailed
+                failure = _as_stage_failed(e, node, log_dir)
+                out.failures.append(failure)
+                out.states[node.id] = "failed"
+                on_event("failed", node, {"error": failure.cause, "log": failure.log_file})
+                for blocked in _dependents(plan, node.id):
+                    if out.states[blocked.id] == "pending":
+                        out.states[blocked.id] = "blocked"
+                        on_event("blocked", blocked, {"because": node.id})
+    return out
+
+
+def _task_resources(node: PlannedStage) -> dict[str, Any]:
+    res = node.resources
+    if node.distributed or res.num_workers > 1:  # its workers reserve; the launcher does not
+        return {"num_cpus": 0}
+    out: dict[str, Any] = {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker}
+    if res.memory_gb:
+        out["memory"] = int(res.memory_gb * 2**30)
+    return out
+
+
+def _payload(plan: Plan, node: PlannedStage, store_root: Path, log_dir: Path, run_name: str,
+             tracking: dict[str, list[dict]], configs: dict[str, dict]) -> StagePayload:
+    first = node.variants[0]
+    return StagePayload(
+        node=node, store_root=str(store_root), log_file=str(log_dir / f"{node.id}.log"),
+        inputs={slot: (plan.by_id(i).stage, plan.by_id(i).key) for slot, i in node.inputs.items()},
+        tracking=tracking[first],
+        info=TrackingInfo(run_name, str(log_dir.parent), node.name, node.key, node.variants,
+                          configs[first]))
+
+
+def _dependents(plan: Plan, stage_id: str) -> list[PlannedStage]:
+    out, frontier = [], {stage_id}
+    for node in plan.stages:  # topological order: one pass finds the transitive closure
+        if frontier & set(node.inputs.values()):
+            out.append(node)
+            frontier.add(node.id)
+    return out
+
+
+def _as_stage_failed(e: Exception, node: PlannedStage, log_dir: Path) -> StageFailed:
+    cause = getattr(e, "cause", None)
+    if isinstance(e, StageFailed) and not isinstance(cause, BaseException):
+        return e
+    if isinstance(cause, StageFailed):
+        return cause
+    text = str(cause or e).strip().splitlines()
+    return StageFailed(node.name, node.key, f"{type(e).__name__}: {text[-1] if text else ''}",
+                       str(log_dir / f"{node.id}.log"))
