@@ -175,3 +175,5 @@ def cp(builtin: str = typer.Argument(..., help="Built-in spec, e.g. retro-tiny")
         raise UserError(f"{dest} exists; choose another destination")
     shutil.copy(src, dest)
     print(f"copied {src.name} -> {dest}")
+if __name__ == "__main__":
+    main()

@@ -54,17 +54,17 @@ class NodeOf:
         known = registry.names(self.kind)
         if name not in known:
             close = close_matches(name, known)
-            raise _error(("type",), "unknown_component",
-                         "unknown {kind} component {name!r}{close}; known: {known} "
-                         "(see `retro components {kind}`)", name, kind=self.kind,
-                         name=name, known=", ".join(known) or "(none)",
-                         close=f", did you mean {' or '.join(map(repr, close))}?" if close else "")
+            hint = f", did you mean {' or '.join(map(repr, close))}?" if close else ""
+            message = (f"unknown {self.kind} component {name!r}{hint} "
+                       f"Known: {', '.join(known) or '(none)'}")
+            raise _error(("type",), "unknown_component", message.replace("{", "{{")
+                         .replace("}", "}}"), name, kind=self.kind)
         return registry.get(self.kind, name).node_model().model_validate(value)
 
 
-def _error(loc: tuple, kind: str, template: str, value: Any, **ctx: Any) -> ValidationError:
+def _error(loc: tuple, error_type: str, template: str, value: Any, **ctx: Any) -> ValidationError:
     return ValidationError.from_exception_data(
-        "component", [InitErrorDetails(type=PydanticCustomError(kind, template, ctx),
+        "component", [InitErrorDetails(type=PydanticCustomError(error_type, template, ctx),
                                        loc=loc, input=value)])
 
 
