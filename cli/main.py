@@ -29,7 +29,8 @@ SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
 def main() -> None:
     """Console entry point: user errors exit 2 with a message and no traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns Exit codes instead of raising here
+        sys.exit(code if isinstance(code, int) else 0)
     except UserError as e:
         render.error(str(e))
         sys.exit(2)

@@ -1,0 +1,115 @@
+"""Running specs on a real local Ray: cache, sweep dedup, failure isolation, resume, concurrency."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from retro.platform import api
+from retro.platform.store import ArtifactStore
+from tests.platform.helpers import cli, cli_popen, done_keys, events, toy_spec
+
+
+def test_second_run_executes_nothing(tmp_path, ray_session):
+    spec = toy_spec(tmp_path)
+    record, outcome, plan = api.run(spec)
+    assert outcome.ok and len(done_keys(tmp_path / "runs")) == 3
+    total = ArtifactStore(tmp_path / "store").get("toy-total", plan.stages[-1].key)
+    assert total.file("total.txt").read_text() == str(2 * sum(range(10)))
+    _, outcome2, _ = api.run(spec)
+    assert outcome2.ok and set(outcome2.states.values()) == {"cached"}
+    assert len(done_keys(tmp_path / "runs")) == 3  # nothing new computed
+
+
+def test_sweep_shares_every_stage_but_the_last(tmp_path, ray_session):
+    spec = toy_spec(tmp_path, sweep={"grid": {"recipe.offset": [0, 7]}})
+    record, outcome, plan = api.run(spec)
+    assert outcome.ok
+    computed = Counter(e["stage"] for e in events(tmp_path / "runs") if e["event"] == "done")
+    assert computed == {"source": 1, "scale": 1, "total": 2}
+    totals = sorted(int((ArtifactStore(tmp_path / "store").path("toy-total", s.key)
+                         / "total.txt").read_text()) for s in plan.stages if s.name == "total")
+    assert totals == [90, 97]
+    assert (record.dir / "variants" / "offset=7" / "resolved.yaml").exists()
+
+
+def test_resources_never_change_keys(tmp_path):
+    a = api.validate(toy_spec(tmp_path, "a"))[1]
+    b = api.validate(toy_spec(tmp_path, "b", resources={
+        "num_cpus": 1, "default": {"num_workers": 2, "cpus_per_worker": 0.5}}))[1]
+    assert [s.key for s in a.stages] == [s.key for s in b.stages]
+
+
+def test_failed_stage_stops_only_its_dependents(tmp_path, ray_session):
+    spec = toy_spec(tmp_path, sweep={"variants": [
+        {"name": "bad", "set": {"recipe.fail": "scale"}}, {"name": "good", "set": {}}]})
+    record, outcome, _ = api.run(spec)
+    assert not outcome.ok
+    by_variant = {}
+    for e in record.events():
+        if "variants" in e:
+            for v in e["variants"]:
+                by_variant.setdefault(v, {})[e["stage"]] = e["event"]
+    assert by_variant["good"] == {"source": "done", "scale": "done", "total": "done"}
+    assert by_variant["bad"] == {"source": "done", "scale": "failed", "total": "blocked"}
+    failure = outcome.failures[0]
+    assert failure.stage == "scale" and "failed on purpose" in failure.cause
+    assert "failed on purpose" in open(failure.log_file).read()
+    assert json.loads((record.dir / "status.json").read_text())["status"] == "failed"
+
+
+def test_cli_run_reports_failure_with_log(tmp_path):
+    spec = toy_spec(tmp_path, recipe={"type": "toy", "fail": "total"})
+    res = cli("run", spec, cwd=tmp_path)
+    assert res.returncode == 1
+    assert "stage 'total'" in res.stderr and "failed on purpose" in res.stderr
+    assert "log:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
+    spec = toy_spec(tmp_path, recipe={"type": "toy", "n": 10, "sleep": 3})
+    proc = cli_popen("run", spec, cwd=tmp_path)
+    store = ArtifactStore(tmp_path / "store")
+    deadline = time.time() + 90
+    while time.time() < deadline and not any(a.stage == "toy-source"
+                                              for a in store.all_artifacts()):
+        time.sleep(0.2)
+    time.sleep(1.0)  # now inside the scale stage's sleep
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    finished = {a.stage for a in store.all_artifacts()}
+    assert "toy-source" in finished and "toy-total" not in finished
+    for a in store.all_artifacts():  # whatever exists is complete
+        assert a.manifest["key"] == a.key
+    res = cli("run", spec, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    runs = sorted((tmp_path / "runs").iterdir())
+    second = [json.loads(x) for x in (runs[-1] / "events.jsonl").read_text().splitlines()]
+    states = {e["stage"]: e["event"] for e in second if "stage" in e and e["event"] != "started"}
+    assert states["source"] == "cached" and states["total"] == "done"
+    assert Counter(done_keys(tmp_path / "runs")).most_common(1)[0][1] == 1
+
+
+def test_two_processes_compute_each_shared_key_once(tmp_path):
+    a = toy_spec(tmp_path, "a", recipe={"type": "toy", "n": 10, "sleep": 1})
+    b = toy_spec(tmp_path, "b", recipe={"type": "toy", "n": 10, "sleep": 1, "offset": 3})
+    procs = [cli_popen("run", a, cwd=tmp_path), cli_popen("run", b, cwd=tmp_path)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    computed = Counter(done_keys(tmp_path / "runs"))
+    assert all(n == 1 for n in computed.values()), computed
+    assert len(computed) == 4  # source + scale shared, two totals
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parallel_map_gives_same_result_with_any_worker_count(tmp_path, ray_session, workers):
+    spec = toy_spec(tmp_path, resources={"stages": {"scale": {"num_workers": workers}}})
+    _, outcome, plan = api.run(spec)
+    assert outcome.ok
+    total = ArtifactStore(tmp_path / "store").path("toy-total", plan.stages[-1].key)
+    assert (total / "total.txt").read_text() == "90"
