@@ -32,6 +32,18 @@ def spec_json_schema() -> dict[str, Any]:
         names = ", ".join(registry.names(kind))
         defs[f"node-{kind}"] = {**sub, "description": f"{description} One of: {names}."}
     schema["$defs"] = defs
+    schema = _link_nodes(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "retro experiment spec"
     return schema
+
+
+def _link_nodes(value: Any) -> Any:
+    """Replace the `x-retro-node` placeholders NodeOf emits with refs to the kind's union."""
+    if isinstance(value, dict):
+        if "x-retro-node" in value:
+            return {"$ref": f"#/$defs/node-{value['x-retro-node']}"}
+        return {k: _link_nodes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_link_nodes(v) for v in value]
+    return value

@@ -31,7 +31,7 @@ class NodeOf:
 
     def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict:
         # Filled by retro.platform.spec.jsonschema, which knows every registered component.
-        return {"$ref": f"#/$defs/node-{self.kind}"}
+        return {"x-retro-node": self.kind}
 
     def validate(self, value: Any) -> BaseModel:
         if isinstance(value, BaseModel) and hasattr(value, "type"):
