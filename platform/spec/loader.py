@@ -46,6 +46,9 @@ def dotted(path: Path_) -> str:
 
 # ---------------------------------------------------------------------------- YAML with lines
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 def parse_yaml(text: str, filename: str) -> tuple[Any, dict[Path_, tuple[str, int]]]:
     """Safe-load `text`, returning the data and the 1-based line of every path."""
     loader = yaml.SafeLoader(text)
@@ -64,6 +67,10 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, dict[Path_, tuple[str, in
 
     def build(node: yaml.Node, path: Path_) -> Any:
         lines[path] = (filename, node.start_mark.line + 1)
+        if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+            raise SpecError([SpecIssue(dotted(path), f"unsupported YAML tag {node.tag!r}",
+                                       filename, node.start_mark.line + 1,
+                                       hint="specs are plain data: remove the tag")])
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
@@ -230,8 +237,12 @@ def apply_override(data: dict, path: Path_, value: Any, origin: str = "<-o overr
 
 def _child(node: Any, part: Any, path: Path_, origin: str) -> Any:
     if isinstance(node, dict):
+        if isinstance(node.get(part), str):  # `recipe: toy` is shorthand for {type: toy}
+            node[part] = {"type": node[part]}
         return node.get(part)
     if isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if isinstance(node[part], str):
+            node[part] = {"type": node[part]}
         return node[part]
     raise SpecError([SpecIssue(dotted(path), "cannot descend into this value", origin, node,
                                True, hint="override a mapping key or a list index that exists")])
