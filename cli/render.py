@@ -106,6 +106,8 @@ def run_summary(record: Any, outcome: Any, plan: Any) -> None:
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     status = "[green]done[/]" if outcome.ok else "[bold red]failed[/]"
     out.print(f"run {record.name} {status}: {summary}\n  folder: {record.dir}")
+    for note in record.lock_drift():
+        out.print(f"[yellow]reproduction drift[/] {escape(note)}")
     for f in outcome.failures:
         error(str(f))
 
@@ -171,3 +173,27 @@ def diff_table(a: Any, b: Any, rows: list[tuple[str, Any, Any]]) -> None:
     for path, va, vb in rows:
         table.add_row(path, repr(va), repr(vb))
     out.print(table)
+
+
+def report(rep: Any) -> None:
+    """`retro report`: the evaluation and stage-summary tables, spec differences, files."""
+    from retro.platform.report import fmt
+
+    out.print(f"[bold]{rep.run}[/] spec={rep.spec_name} status={rep.status} "
+              f"variants={', '.join(rep.variants)}")
+    evals = rep.eval_metrics
+    for title, names in (("evaluation", evals),
+                         ("stage summaries", [m for m in rep.metrics if m not in evals])):
+        if not names:
+            continue
+        table = Table("metric", *rep.variants, title=title, title_justify="left")
+        for name in names:
+            table.add_row(name, *(fmt(rep.metrics[name].get(v)) for v in rep.variants))
+        out.print(table)
+    if rep.differences:
+        table = Table("field", *rep.variants, title="spec fields that differ",
+                      title_justify="left")
+        for path, values in rep.differences:
+            table.add_row(path, *(repr(values[v]) for v in rep.variants))
+        out.print(table)
+    out.print(f"report: {rep.markdown}" + "".join(f"\nplot:   {p}" for p in rep.plots))

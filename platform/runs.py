@@ -60,6 +60,10 @@ class RunRecord:
         except (OSError, ValueError):
             return {"status": "unknown"}
 
+    def lock_drift(self) -> list[str]:
+        lock = yaml.safe_load((self.dir / "resolved.yaml").read_text()).get("lock") or {}
+        return (lock.get("reproduces") or {}).get("drift", [])
+
     def events(self) -> list[dict[str, Any]]:
         path = self.dir / "events.jsonl"
         if not path.exists():
@@ -78,6 +82,9 @@ def create_run(loaded: LoadedSpec, plan: Plan, argv: list[str]) -> RunRecord:
         run_dir = runs / f"{loaded.spec.name}-{stamp}-{n}"
     (run_dir / "logs").mkdir(parents=True)
     lock = make_lock(loaded, argv, Path(loaded.spec.store.path))
+    if loaded.spec.lock:  # reproducing a run: record what changed since it was locked
+        lock["reproduces"] = {"created_at": loaded.spec.lock.get("created_at"),
+                              "drift": lock_drift(loaded.spec.lock, lock)}
     write_yaml(run_dir / "resolved.yaml", {**resolved(loaded.spec), "lock": lock})
     if loaded.is_sweep:
         for v in loaded.variants:
@@ -183,3 +190,21 @@ def resolve_run(ref: str, runs_dir: Path) -> RunRecord:
     if not matches:
         raise UserError(f"no run {ref!r} in {runs_dir}/ (list them with `retro ls`)")
     raise UserError(f"run {ref!r} is ambiguous: {', '.join(r.name for r in matches)}")
+
+
+def lock_drift(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between the lock a run was reproduced from and the current environment."""
+    notes = []
+    for dist, version in (old.get("packages") or {}).items():
+        now = new["packages"].get(dist)
+        if now != version:
+            notes.append(f"package {dist}: locked {version}, now {now or 'not installed'}")
+    old_git, new_git = old.get("git") or {}, new.get("git") or {}
+    if old_git.get("commit") and old_git.get("commit") != new_git.get("commit"):
+        notes.append(f"git commit: locked {old_git['commit'][:12]}, now "
+                     f"{(new_git.get('commit') or 'unknown')[:12]}")
+    for path, entry in (old.get("data") or {}).items():
+        now = (new.get("data") or {}).get(path, {})
+        if entry.get("sha256") and entry.get("sha256") != now.get("sha256"):
+            notes.append(f"data {path} ({entry.get('path')}): content differs from the lock")
+    return notes

@@ -80,3 +80,17 @@ def test_ls_show_diff_gc_and_reproduce(tmp_path, ray_session):
 def test_cp_copies_a_builtin(tmp_path):
     res = cli("cp", "nope", tmp_path / "x.yaml")
     assert res.returncode == 2 and "no built-in spec" in res.stderr
+
+
+def test_reproducing_a_run_reports_lock_drift(tmp_path, ray_session):
+    import yaml
+
+    record, _, _ = api.run(toy_spec(tmp_path))
+    resolved = yaml.safe_load((record.dir / "resolved.yaml").read_text())
+    resolved["lock"]["packages"]["numpy"] = "0.0.1"
+    tampered = tmp_path / "tampered.yaml"
+    tampered.write_text(yaml.safe_dump(resolved))
+    record2, outcome, _ = api.run(tampered)
+    assert outcome.ok
+    assert any("numpy: locked 0.0.1" in note for note in record2.lock_drift())
+    assert record.lock_drift() == []
