@@ -144,6 +144,21 @@ def diff(a: Path, b: Path) -> None:
 
 
 @app.command()
+def report(run: str = typer.Argument(..., help="Run folder, run name, or spec/sweep name "
+                                     "(its latest run)."),
+           out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/report."),
+           runs: Path = typer.Option(Path("runs"), help="Runs directory."),
+           store: Optional[Path] = typer.Option(None, help="Artifact store; default: the "
+                                                "run's store.path.")) -> None:
+    """Compare a run's variants: metrics table (terminal + report.md), spec differences, plots."""
+    from retro.platform.report import build_report, find_run, write_report
+
+    record = find_run(run, runs)
+    rep = write_report(build_report(record, store), out or record.dir / "report")
+    render.report(rep)
+
+
+@app.command()
 def gc(runs: Path = typer.Option(Path("runs"), help="Runs whose artifacts are kept."),
        store: Path = typer.Option(Path(".retro/store"), help="Artifact store root."),
        dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would go.")) -> None:

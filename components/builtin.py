@@ -8,6 +8,7 @@ import importlib
 
 MODULES = [
     "retro.components.trackers.basic",
+    "retro.components.trackers.wandb_tracker",
 ]
 
 

@@ -1,4 +1,7 @@
-"""Trackers that need no service: `none` (the JSONL mirror only) and `stdout`."""
+"""Trackers that need no service: `none` (the JSONL mirror only) and `stdout`.
+
+The default tracker is `wandb` (components/trackers/wandb_tracker.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Any
 from retro.platform.registry import StrictModel, register
 
 
-@register("tracker", "none", default=True)
+@register("tracker", "none")
 class NoTracker:
     """Logs nowhere but the local JSONL mirror every stage writes anyway."""
 
