@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from retro.platform.errors import UserError
-from retro.platform.plan import Plan, build_plan
+from retro.platform.plan import Plan, build_plan, force_rerun
 from retro.platform.runs import RunRecord, create_run, resolved
 from retro.platform.scheduler import RunOutcome, connect_ray, run_plan
 from retro.platform.spec import LoadedSpec, load_spec
@@ -31,12 +31,14 @@ def plan(ref: str | Path, overrides: Iterable[str] = ()) -> tuple[LoadedSpec, Pl
 
 
 def run(ref: str | Path, overrides: Iterable[str] = (), argv: list[str] | None = None,
-        on_event: Callable | None = None) -> tuple[RunRecord, RunOutcome, Plan]:
+        on_event: Callable | None = None, rerun: Iterable[str] = ()
+        ) -> tuple[RunRecord, RunOutcome, Plan]:
     """Validate, plan, record the run folder, then execute on Ray. Nothing is written if the
-    spec is invalid or data inputs are missing."""
+    spec is invalid or data inputs are missing. `rerun` names stages to recompute anyway."""
     loaded = load_spec(spec_path(ref), overrides)
     store = ArtifactStore(loaded.spec.store.path)
     the_plan = build_plan(loaded, store)
+    force_rerun(the_plan, list(rerun))
     if the_plan.missing_data:
         raise UserError("missing data inputs:\n" + "\n".join(
             f"  - {p}: {v} does not exist" for p, v in the_plan.missing_data)

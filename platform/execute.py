@@ -33,10 +33,10 @@ def execute_stage(p: StagePayload) -> dict[str, Any]:
     registry.load_plugins()
     store = ArtifactStore(p.store_root)
     node = p.node
-    if store.exists(node.stage, node.key):
+    if store.exists(node.stage, node.key) and not node.force:
         return {"status": "cached"}
     with store.lock(node.stage, node.key):
-        if store.exists(node.stage, node.key):  # another process finished it while we waited
+        if store.exists(node.stage, node.key) and not node.force:  # finished while we waited
             return {"status": "cached"}
         return _compute(p, store)
 
@@ -68,7 +68,7 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
             "name": node.name, "version": node.version, "params": node.params,
             "inputs": {slot: {"stage": s, "key": k} for slot, (s, k) in p.inputs.items()},
             "seconds": round(seconds, 3), "summary": {**ctx.summary, **summary},
-            "packages": _versions()})
+            "packages": _versions()}, replace=node.force)
         tracker.log_metrics({f"summary/{k}": v for k, v in summary.items()
                              if isinstance(v, (int, float))})
         tracker.log_artifact(artifact, {slot: f"{s}/{k}" for slot, (s, k) in p.inputs.items()})

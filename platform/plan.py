@@ -36,6 +36,7 @@ class PlannedStage:
     seed: int
     variants: list[str] = field(default_factory=list)
     cached: bool = False
+    force: bool = False           # `retro run --rerun NAME`: recompute even if the key exists
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -167,3 +168,19 @@ def _check_resources(loaded: LoadedSpec, variants: dict[str, dict[str, str]]) ->
                     + f"stages: {', '.join(names)}"))
     if issues:
         raise SpecError(issues)
+
+
+def force_rerun(plan: Plan, names: list[str]) -> None:
+    """Mark every stage called one of `names` to be recomputed (`retro run --rerun`)."""
+    known = sorted({s.name for s in plan.stages})
+    for name in names:
+        if name not in known:
+            from retro.platform.errors import UserError
+
+            close = close_matches(name, known)
+            raise UserError(f"--rerun {name!r}: no stage of this name in the plan"
+                            + (f"; did you mean {close[0]!r}?" if close else "")
+                            + f" Stages: {', '.join(known)}")
+    for node in plan.stages:
+        if node.name in names:
+            node.cached, node.force = False, True

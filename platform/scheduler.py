@@ -81,7 +81,7 @@ def run_plan(plan: Plan, store_root: Path, log_dir: Path, *, run_name: str,
                                      configs))
                 inflight[ref] = node
                 out.states[node.id] = "running"
-                on_event("started", node, {})
+                on_event("started", node, {"log": str(log_dir / f"{node.id}.log")})
         if not inflight:
             break
         done, _ = ray.wait(list(inflight), num_returns=1)

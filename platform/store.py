@@ -101,12 +101,21 @@ class ArtifactStore:
         d.mkdir(parents=True)
         return d
 
-    def commit(self, tmp: Path, stage: str, key: str, manifest: dict[str, Any]) -> Artifact:
-        """Write the manifest into `tmp`, then rename it to its key directory (atomic)."""
+    def commit(self, tmp: Path, stage: str, key: str, manifest: dict[str, Any],
+               replace: bool = False) -> Artifact:
+        """Write the manifest into `tmp`, then rename it to its key directory (atomic).
+
+        With `replace` (a forced rerun) an existing key directory is first moved aside, so
+        readers see the old complete artifact, briefly none, then the new complete one.
+        """
         manifest = {**manifest, "stage": stage, "key": key, "committed_at": time.time(),
                     "files": _file_sizes(tmp)}
         write_json_atomic(tmp / MANIFEST, manifest)
         dest = self.path(stage, key)
+        if replace and dest.exists():
+            trash = self.root / stage / ".tmp" / f"{key}-replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         if dest.exists():  # someone committed the same key; identical by construction
             shutil.rmtree(tmp, ignore_errors=True)
         else:

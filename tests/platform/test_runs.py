@@ -113,3 +113,17 @@ def test_parallel_map_gives_same_result_with_any_worker_count(tmp_path, ray_sess
     assert outcome.ok
     total = ArtifactStore(tmp_path / "store").path("toy-total", plan.stages[-1].key)
     assert (total / "total.txt").read_text() == "90"
+
+
+def test_rerun_recomputes_only_the_named_stage(tmp_path, ray_session):
+    spec = toy_spec(tmp_path)
+    api.run(spec)
+    _, outcome, plan = api.run(spec, rerun=["scale"])
+    states = {plan.by_id(i).name: s for i, s in outcome.states.items()}
+    assert states == {"source": "cached", "scale": "done", "total": "cached"}
+    store = ArtifactStore(tmp_path / "store")
+    assert store.exists("toy-scale", plan.stages[1].key)
+    from retro.platform.errors import UserError
+
+    with pytest.raises(UserError, match="did you mean 'scale'"):
+        api.run(spec, rerun=["scael"])
