@@ -77,12 +77,15 @@ def plan(spec: Path, override: list[str] = OVERRIDES,
 
 
 @app.command()
-def run(spec: Path, override: list[str] = OVERRIDES) -> None:
+def run(spec: Path, override: list[str] = OVERRIDES,
+        rerun: list[str] = typer.Option([], "--rerun", help="Recompute this stage even if "
+                                        "its artifact exists (repeatable).")) -> None:
     """Run a spec (or a run folder / its resolved.yaml, to reproduce it). Resumes by itself."""
     from retro.platform import api
 
     with render.LiveProgress() as live:
-        record, outcome, the_plan = api.run(spec, override, argv=sys.argv, on_event=live.event)
+        record, outcome, the_plan = api.run(spec, override, argv=sys.argv, on_event=live.event,
+                                            rerun=rerun)
     render.run_summary(record, outcome, the_plan)
     if not outcome.ok:
         user = all(f.user_error for f in outcome.failures)

@@ -60,8 +60,8 @@ class LiveProgress:
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
-        self.live = Live(console=err, refresh_per_second=2, transient=False) \
-            if err.is_terminal else None
+        self.live = Live(console=err, refresh_per_second=2, transient=False,
+                         get_renderable=self._table) if err.is_terminal else None
 
     def __enter__(self) -> "LiveProgress":
         if self.live:
@@ -78,7 +78,7 @@ class LiveProgress:
                                              "t1": None})
         row["state"] = kind
         if kind == "started":
-            row["state"], row["t0"] = "running", time.time()
+            row["state"], row["t0"], row["log"] = "running", time.time(), extra.get("log")
         elif kind in ("done", "failed", "cached", "blocked"):
             row["t1"] = time.time()
         if self.live:
@@ -89,13 +89,14 @@ class LiveProgress:
                   file=sys.stderr, flush=True)
 
     def _table(self) -> Table:
-        table = Table("stage", "state", "elapsed")
+        table = Table("stage", "state", "elapsed", "progress")
         for sid, row in self.rows.items():
             elapsed = ""
             if row["t0"]:
                 elapsed = f"{(row['t1'] or time.time()) - row['t0']:.1f}s"
             st = row["state"]
-            table.add_row(sid, f"[{STATE_STYLE.get(st, '')}]{st}[/]", elapsed)
+            latest = _last_line(row.get("log")) if st == "running" else ""
+            table.add_row(sid, f"[{STATE_STYLE.get(st, '')}]{st}[/]", elapsed, escape(latest))
         return table
 
 
@@ -197,3 +198,17 @@ def report(rep: Any) -> None:
             table.add_row(path, *(repr(values[v]) for v in rep.variants))
         out.print(table)
     out.print(f"report: {rep.markdown}" + "".join(f"\nplot:   {p}" for p in rep.plots))
+
+
+def _last_line(path: str | None, limit: int = 4096) -> str:
+    """The newest line of a stage log (its latest progress message), without the timestamp."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - limit))
+            lines = fh.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].split(" INFO ", 1)[-1][:80] if lines else ""
