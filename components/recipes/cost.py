@@ -1,0 +1,47 @@
+"""Back-of-envelope training cost for `retro plan`: FLOPs -> GPU-hours, assumptions printed.
+
+Training FLOPs = 6 * N * D (forward + backward, Kaplan et al. 2020) with N the parameters that
+take part in the forward pass and D the tokens processed. Retro's encoder runs over k neighbours
+of r tokens per chunk of m tokens, i.e. k * r / m extra encoder tokens per decoder token; its
+FLOPs are added as 6 * N_encoder * D * k * r / m. Wall time assumes a sustained fraction (MFU)
+of the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GPU_PEAK_BF16 = {"A100": 312e12, "H100": 989e12}
+
+
+@dataclass(frozen=True)
+class CostAssumption:
+    gpu: str = "A100"
+    mfu: float = 0.40
+    """Model FLOPs utilisation: the share of peak a large Megatron-style run sustains."""
+
+    def text(self) -> str:
+        return (f"6*N*D FLOPs, {self.gpu} bf16 peak {GPU_PEAK_BF16[self.gpu] / 1e12:.0f} "
+                f"TFLOP/s at {self.mfu:.0%} MFU")
+
+
+def training_flops(decoder_params: float, tokens: float, encoder_params: float = 0.0,
+                   neighbours: int = 0, retrieved_length: int = 0, chunk_length: int = 64
+                   ) -> float:
+    """FLOPs of one training pass over `tokens` tokens (see module docstring)."""
+    flops = 6.0 * decoder_params * tokens
+    if encoder_params and neighbours and retrieved_length:
+        flops += 6.0 * encoder_params * tokens * neighbours * retrieved_length / chunk_length
+    return flops
+
+
+def gpu_hours(flops: float, assumption: CostAssumption = CostAssumption()) -> float:
+    return flops / (GPU_PEAK_BF16[assumption.gpu] * assumption.mfu) / 3600.0
+
+
+def human(n: float) -> str:
+    """1.2e9 -> '1.20B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
