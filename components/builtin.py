@@ -9,6 +9,8 @@ import importlib
 MODULES = [
     "retro.components.trackers.basic",
     "retro.components.trackers.wandb_tracker",
+    "retro.components.models.retro.component",
+    "retro.components.models.retro.checkpoints",
 ]
 
 

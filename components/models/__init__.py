@@ -1,0 +1,1 @@
+"""Language models: the Retro decoder + encoder + chunked cross-attention, presets, freezing."""
