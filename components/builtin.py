@@ -8,6 +8,11 @@ import importlib
 
 MODULES = [
     "retro.components.trackers.basic",
+    "retro.components.training.config",
+    "retro.components.training.stages",
+    "retro.components.instruct.config",
+    "retro.components.instruct.sources",
+    "retro.components.instruct.stage",
     "retro.components.trackers.wandb_tracker",
     "retro.components.models.retro.component",
     "retro.components.models.retro.checkpoints",

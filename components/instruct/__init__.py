@@ -1,0 +1,1 @@
+"""Instruction tuning data: blend-source loaders, InstructRetro rendering, the realized blend."""

@@ -1,0 +1,88 @@
+"""The `instruct` stage: supervised instruction tuning of a trained model on a blend.
+
+Before training: every source is loaded and checked (format, fields, emptiness), the blend is
+realized (samples per source, held-out records, content hashes) and rendered into token rows +
+answer-only loss masks in the work dir. Then the model trains like the pretraining stages, with
+retrieval gated off unless `instruct.retrieval` is true.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from retro.platform.errors import UserError
+from retro.platform.registry import register
+
+
+@register("stage", "instruct", version="1")
+def instruct(ctx: Any) -> dict:
+    """Instruction-tune the `init` model (a retro-fit or gpt-fit artifact) on `instruct.blend`.
+
+    Params: `instruct` (the instruct node). Inputs: `init` (model directory), `tokenizer`.
+    Files: the model directory (`models.export`: decoder/ + tokenizer, retro_config.json,
+    retro.safetensors, training.json holding the realized blend).
+    """
+    from retro.components.instruct.blend import realize, write_rows
+    from retro.components.instruct.config import SFT
+    from retro.components.instruct.sources import load_source
+    from retro.components.tokenizers.stage import load_tokenizer
+    from retro.components.training.data import NpyRows
+    from retro.components.training.models import export, load_trained, tokenizer_meta
+    from retro.components.training.stages import _run
+
+    cfg = SFT.Config.model_validate({k: v for k, v in ctx.params["instruct"].items()
+                                     if k != "type"})
+    init = Path(ctx.inputs["init"].path)
+    retro_cfg = _retro_config(init)
+    if cfg.retrieval:
+        raise UserError("instruct.retrieval: true needs neighbours for the instruction samples, "
+                        "which no stage computes; use false (InstructRetro's setting: gate 0)")
+    seq_length = cfg.seq_length or _context_length(retro_cfg)
+    loaded = [load_source(node) for node in cfg.blend]          # every data error, up front
+    sched = cfg.schedule()
+    parts = realize(cfg.blend, loaded, sched.steps * sched.global_batch, cfg.eval_samples,
+                    ctx.seed)
+    tok = load_tokenizer(ctx.inputs["tokenizer"].path)
+    eod = int(tokenizer_meta(ctx.inputs["tokenizer"].path)["eod_id"])
+    tokenize = functools.partial(tok.encode, add_special_tokens=False)
+    data = ctx.work_dir / "blend"
+    data.mkdir(parents=True, exist_ok=True)
+    stats = {which: write_rows(parts, loaded, which, data / which, tokenize, eod, seq_length,
+                               cfg.system) for which in ("train", "eval")}
+    blend = [p.summary() for p in parts]
+    for part in blend:
+        ctx.log.info("blend: %s", part)
+    train = NpyRows(str(data / "train_tokens.npy"), seq_length,
+                    loss_mask=str(data / "train_mask.npy"), pad_id=eod)
+    valid = NpyRows(str(data / "eval_tokens.npy"), seq_length,
+                    loss_mask=str(data / "eval_mask.npy"), pad_id=eod) \
+        if stats["eval"]["rows"] else None
+    meta = {"stage": "instruct", "schedule": sched.__dict__, "seed": ctx.seed,
+            "seq_length": seq_length, "blend": blend, "rows": stats, "retrieval": cfg.retrieval}
+    model = functools.partial(load_trained, str(init), retrieval=cfg.retrieval)
+    out = functools.partial(export, tokenizer_dir=str(ctx.inputs["tokenizer"].path), meta=meta,
+                            gate=float(retro_cfg.get("gate", 1.0)))
+    ctx.summary["blend"] = blend
+    summary = _run(ctx, "instruct", model, train, valid, sched, cfg, {}, export=out)
+    return {**summary, "blend_samples": stats["train"]["rows"],
+            "truncated": stats["train"]["truncated"], "loss_tokens": stats["train"]["loss_tokens"]}
+
+
+def _retro_config(path: Path) -> dict[str, Any]:
+    f = path / "retro_config.json"
+    if not f.is_file():
+        raise UserError(f"instruct: input `init` at {path} is not a trained model directory "
+                        "(no retro_config.json); pass a retro-fit or gpt-fit artifact")
+    return json.loads(f.read_text())
+
+
+def _context_length(retro_cfg: dict[str, Any]) -> int:
+    dec = retro_cfg.get("decoder", {})
+    n = dec.get("n_positions") or dec.get("max_position_embeddings")
+    if not n:
+        raise UserError("instruct.seq_length: the model does not state its context length; "
+                        "set instruct.seq_length")
+    return int(n)

@@ -1,0 +1,173 @@
+"""Trainer configs: the `pretrain` section (`type: lm`) and the pieces `instruct` shares with it.
+
+A `Schedule` field left unset (None) takes the value the model's size preset carries from the
+papers (REFERENCE §3 tables), and failing that the fallback in `FALLBACK`; `resolve()` does that
+once, in the stage, and the resolved numbers go into the artifact manifest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from retro.platform.registry import StrictModel, register
+
+# Used when neither the spec nor the model preset gives a value: small-model, CPU-friendly numbers.
+FALLBACK: dict[str, Any] = {
+    "steps": 100, "global_batch": 8, "lr": 3e-4, "min_lr": 3e-5, "warmup": 0.01,
+    "decay": "cosine", "weight_decay": 0.1, "betas": (0.9, 0.95), "grad_clip": 1.0,
+}
+
+
+class Schedule(StrictModel):
+    """Length, batch, optimizer and LR schedule of one training phase (AdamW)."""
+
+    steps: Optional[int] = Field(None, ge=1)
+    """Optimizer steps. Give `steps` or `tokens` (or neither: the preset's value)."""
+    tokens: Optional[int] = Field(None, ge=1)
+    """Training tokens; steps = ceil(tokens / (global_batch * seq_length))."""
+    global_batch: Optional[int] = Field(None, ge=1)
+    """Sequences per optimizer step, whatever the worker count (gradient accumulation)."""
+    lr: Optional[float] = Field(None, gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: Optional[float] = Field(None, ge=0)
+    """Learning rate at the end of the decay (and after it)."""
+    warmup: Optional[Union[int, float]] = None
+    """Warmup: an int is a number of steps, a float in [0, 1] a fraction of `steps`."""
+    decay: Optional[Literal["cosine", "linear", "constant"]] = None
+    """Decay from `lr` to `min_lr` after warmup (default cosine)."""
+    decay_steps: Optional[int] = Field(None, ge=1)
+    """Step at which the decay reaches `min_lr` (Megatron's lr-decay-samples / batch);
+    None: the last step."""
+    weight_decay: Optional[float] = Field(None, ge=0)
+    """AdamW weight decay (not applied to biases, norms and other 1-D tensors)."""
+    betas: Optional[tuple[float, float]] = None
+    """AdamW (beta1, beta2)."""
+    grad_clip: Optional[float] = Field(None, ge=0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Schedule":
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("give `steps` or `tokens`, not both")
+        if isinstance(self.warmup, float) and not 0 <= self.warmup <= 1:
+            raise ValueError(f"warmup {self.warmup} as a float is a fraction of the steps: "
+                             "use a value in [0, 1], or an int for a number of steps")
+        if isinstance(self.warmup, int) and self.warmup < 0:
+            raise ValueError("warmup steps must be >= 0")
+        if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {self.betas} must lie in [0, 1)")
+        return self
+
+
+@dataclass(frozen=True)
+class ResolvedSchedule:
+    """A `Schedule` with every value decided; what the training loop receives."""
+
+    steps: int
+    global_batch: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    decay: str
+    decay_steps: int
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate used by optimizer step `step` (0-based): linear warmup, then decay."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(self.decay_steps - self.warmup_steps, 1)
+        progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        if self.decay == "constant":
+            return self.lr
+        if self.decay == "linear":
+            coeff = 1.0 - progress
+        else:
+            coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr + coeff * (self.lr - self.min_lr)
+
+
+def resolve(schedule: Schedule, seq_length: int, *defaults: dict[str, Any]) -> ResolvedSchedule:
+    """Fill the unset fields of `schedule` from `defaults` (in order), then from `FALLBACK`.
+
+    Args:
+        schedule: the spec's schedule block.
+        seq_length: tokens per sequence, to turn `tokens` into steps.
+        defaults: dicts of Schedule field names -> values, e.g. the model preset's paper values.
+
+    Returns:
+        The fully decided schedule.
+    """
+    given = {k: v for k, v in schedule.model_dump().items() if v is not None}
+    merged: dict[str, Any] = dict(FALLBACK)
+    for d in reversed(defaults):
+        merged.update({k: v for k, v in d.items() if v is not None})
+    merged.update(given)
+    global_batch = int(merged["global_batch"])
+    # Length: the spec's steps/tokens, else the first default that has one, else FALLBACK.
+    length = next((d for d in (given, *defaults) if "steps" in d or "tokens" in d),
+                  {"steps": FALLBACK["steps"]})
+    steps = (int(length["steps"]) if "steps" in length
+             else math.ceil(float(length["tokens"]) / (global_batch * seq_length)))
+    warmup = merged["warmup"]
+    warmup_steps = int(warmup) if isinstance(warmup, int) else int(round(warmup * steps))
+    lr = float(merged["lr"])
+    return ResolvedSchedule(
+        steps=steps, global_batch=global_batch, lr=lr, min_lr=min(float(merged["min_lr"]), lr),
+        warmup_steps=min(warmup_steps, steps), decay=merged["decay"],
+        decay_steps=max(int(merged.get("decay_steps") or steps), 1),
+        weight_decay=float(merged["weight_decay"]), betas=tuple(merged["betas"]),
+        grad_clip=float(merged["grad_clip"]))
+
+
+class RunSettings(StrictModel):
+    """How a training stage runs: micro-batching, evaluation, checkpoints, failures, sharding."""
+
+    micro_batch: int = Field(1, ge=1)
+    """Sequences per forward pass on one worker. Gradient accumulation makes up the rest of
+    the global batch, so this changes memory use, not results."""
+    eval_interval: int = Field(100, ge=1)
+    """Run validation every this many steps (and after the last step)."""
+    eval_batches: int = Field(4, ge=0)
+    """Validation batches of `global_batch` sequences per evaluation (Megatron eval-iters);
+    capped by the validation set; 0 disables validation."""
+    checkpoint_interval: int = Field(100, ge=1)
+    """Save a resumable checkpoint every this many steps (and after the last step)."""
+    max_failures: int = Field(3, ge=0)
+    """Worker-group restarts from the last checkpoint before the stage fails."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state across workers (FSDP2) instead of
+    replicating them (DDP); for models that do not fit one device."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast on GPU workers; CPU workers always compute in fp32."""
+
+
+@register("trainer", "lm", default=True)
+class LMTrainer:
+    """Causal-LM training: GPT pretraining (`gpt`) and continued pretraining (`fit`)."""
+
+    class Config(RunSettings):
+        seq_length: int = Field(2048, ge=8)
+        """Tokens per training sequence (RETRO/Shall-we 2048, Retro 48B 4096); a multiple of
+        the retriever's chunk length."""
+        gpt: Schedule = Schedule()
+        """Stage `gpt-pretrain`: the decoder trained from scratch on the corpus."""
+        fit: Schedule = Schedule()
+        """Stages `retro-fit` and `gpt-fit` (continued pretraining; the same schedule for both,
+        so GPT-fit is the control). Unset fields come from the model preset (REFERENCE §3)."""
+
+        @field_validator("gpt", "fit", mode="before")
+        @classmethod
+        def _none_is_default(cls, value: Any) -> Any:
+            return {} if value is None else value
+
+    def __init__(self, config: "LMTrainer.Config") -> None:
+        self.config = config

@@ -1,0 +1,357 @@
+"""The training loop, identical in-process (tests, one worker) and inside Ray Train workers.
+
+One optimizer step consumes `global_batch` rows chosen by `GlobalBatchSampler(step)`; rank r
+takes rows r, r+W, r+2W, ... of them and runs them in micro-batches with gradient sync only on
+the last. Each micro-batch's summed token loss is divided by the global batch's loss-token count
+(times W, because DDP/FSDP average gradients over ranks), so the gradient is the same mean over
+the global batch whatever the worker count or micro-batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from retro.components.training.checkpoint import read_checkpoint, write_checkpoint
+from retro.components.training.config import ResolvedSchedule, RunSettings
+from retro.components.training.data import GlobalBatchSampler, TokenRows
+from retro.platform.errors import UserError
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs, picklable: callables are module-level functions or partials.
+
+    Attributes:
+        name: stage name, for logs.
+        model: builds the model to train (initialised, freeze policy applied) on CPU.
+        train_data: builds the training split.
+        val_data: builds the validation split, or None.
+        schedule: steps, batch and optimizer settings.
+        run: micro-batching, eval, checkpoint, failure and sharding settings.
+        seed: the experiment seed (model init, data order, dropout).
+        out_dir: rank 0 writes `final/` (the trained model) and `train_metrics.jsonl` here.
+        export: writes the trained model to a directory; default `model.save_pretrained`.
+    """
+
+    name: str
+    model: Callable[[], Any]
+    train_data: Callable[[], TokenRows]
+    val_data: Optional[Callable[[], TokenRows]]
+    schedule: ResolvedSchedule
+    run: RunSettings
+    seed: int
+    out_dir: str
+    export: Optional[Callable[[Any, Path], None]] = None
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.out_dir) / "train_metrics.jsonl"
+
+    @property
+    def final_dir(self) -> Path:
+        return Path(self.out_dir) / "final"
+
+
+def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
+    """Run (or resume) `job` to its last step; rank 0 exports the model to `job.final_dir`.
+
+    Args:
+        job: what to train.
+        runtime: `LocalRuntime` or `RayRuntime` (rank, world size, checkpoint I/O).
+
+    Returns:
+        Summary: steps, resumed_from, last train/val metrics.
+    """
+    import torch
+
+    rank, world = runtime.rank, runtime.world_size
+    sched, run = job.schedule, job.run
+    if sched.global_batch % world:
+        raise UserError(f"{job.name}: global_batch {sched.global_batch} is not divisible by "
+                        f"{world} workers; change resources.stages.{job.name}.num_workers or "
+                        f"global_batch")
+    device = _device()
+    torch.manual_seed(job.seed)                   # identical initial weights on every rank
+    model = job.model()
+    start, last_metrics = 0, {}
+    with runtime.latest_checkpoint() as ckpt:
+        if ckpt is not None:
+            model_sd, optim_sd, state = read_checkpoint(ckpt)
+            model.load_state_dict(model_sd, strict=False)
+            _check_loaded(model, model_sd, ckpt)
+            start, last_metrics = int(state["step"]), state.get("metrics", {})
+        else:
+            optim_sd = None
+    model.to(device)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"{job.name}: the freeze policy leaves no trainable parameter")
+    wrapped = _wrap(model, run.fsdp, world, device)
+    params = [p for p in wrapped.parameters() if p.requires_grad]   # FSDP2 swaps in DTensors
+    optimizer = torch.optim.AdamW(_param_groups(wrapped, sched.weight_decay), lr=sched.lr,
+                                  betas=sched.betas, fused=False)
+    if optim_sd is not None:
+        _load_optimizer(wrapped, optimizer, optim_sd)
+    log = _MetricsWriter(job.metrics_file if rank == 0 else None)
+    if start:
+        log.write({"kind": "resume", "step": start})
+
+    train_rows = job.train_data()
+    val_rows = job.val_data() if job.val_data and run.eval_batches else None
+    sampler = GlobalBatchSampler(len(train_rows), sched.global_batch, job.seed)
+    autocast = _autocast(device, run.precision)
+    for step in range(start, sched.steps):
+        t0 = time.perf_counter()
+        lr = sched.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(_step_seed(job.seed, step, rank))
+        batch = train_rows.batch(sampler.batch(step)[rank::world])
+        n_tok = _all_sum(batch["loss_mask"].sum().double(), world)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        micro = _micro_batches(batch, run.micro_batch)
+        for i, mb in enumerate(micro):
+            with _grad_sync(wrapped, enabled=i == len(micro) - 1), autocast:
+                s = _loss_sum(wrapped, mb, device)
+                (s * (world / max(float(n_tok), 1.0))).backward()
+            loss_sum += s.detach().double().cpu()
+        loss = float(_all_sum(loss_sum, world)) / max(float(n_tok), 1.0)
+        grad_norm = _clip(wrapped, params, sched.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        done = step + 1
+        metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": sched.global_batch * train_rows.seq_length / dt,
+                   "loss_tokens": float(n_tok)}
+        log.write({"kind": "train", **metrics})
+        last_metrics.update(train_loss=loss)
+        if val_rows is not None and (done % run.eval_interval == 0 or done == sched.steps):
+            val = evaluate(wrapped, val_rows, run, sched.global_batch, rank, world, device)
+            log.write({"kind": "eval", "step": done, **val})
+            last_metrics.update(val)
+        if done % run.checkpoint_interval == 0 or done == sched.steps:
+            _checkpoint(runtime, wrapped, optimizer, job, done, last_metrics, metrics)
+    _export(job, wrapped, rank, sharded=run.fsdp and world > 1)
+    return {"steps": sched.steps, "resumed_from": start, **last_metrics}
+
+
+def evaluate(model: Any, rows: TokenRows, run: RunSettings, global_batch: int, rank: int,
+             world: int, device: Any) -> dict[str, float]:
+    """Token-weighted validation loss and perplexity over the first eval rows (fixed order)."""
+    import torch
+
+    n = min(len(rows), run.eval_batches * global_batch)
+    idx = torch.arange(n).numpy()[rank::world]
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(device, run.precision):
+        for start in range(0, len(idx), run.micro_batch):
+            mb = rows.batch(idx[start:start + run.micro_batch])
+            total += _loss_sum(model, mb, device).double().cpu()
+            count += mb["loss_mask"].sum().double()
+    model.train(was_training)
+    total, count = _all_sum(total, world), _all_sum(count, world)
+    loss = float(total / max(float(count), 1.0))
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+# ------------------------------------------------------------------------------ pieces
+def _device() -> Any:
+    import torch
+
+    try:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    except Exception:  # noqa: BLE001 - not inside a Ray Train worker
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: Any, precision: str) -> Any:
+    import torch
+
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 4099 + rank) % (2**63 - 1)
+
+
+def _wrap(model: Any, fsdp: bool, world: int, device: Any) -> Any:
+    """DDP (or FSDP2 when asked) across the process group; the bare model when alone."""
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in _blocks(model):
+            fully_shard(module)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def _blocks(model: Any) -> list:
+    """Transformer blocks to shard one by one: the children of the first ModuleList found."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            return list(module)
+    return []
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+def _param_groups(model: Any, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in _unwrap(model).named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _grad_sync(model: Any, enabled: bool) -> Any:
+    if hasattr(model, "no_sync"):                       # DDP
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):    # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def _micro_batches(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    n = len(batch["input_ids"])
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def _loss_sum(model: Any, mb: dict[str, Any], device: Any) -> Any:
+    """Summed cross-entropy over the positions whose loss_mask is 1 (fp32)."""
+    import torch.nn.functional as F
+
+    kwargs = {"input_ids": mb["input_ids"].to(device)}
+    if "neighbours" in mb:
+        kwargs["neighbours"] = mb["neighbours"].to(device)
+    logits = model(**kwargs).logits
+    ce = F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].to(device).flatten(),
+                         reduction="none")
+    return (ce * mb["loss_mask"].to(device).flatten()).sum()
+
+
+def _all_sum(t: Any, world: int) -> Any:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        t = t.clone().to(_comm_device())
+        dist.all_reduce(t)
+        return t.cpu()
+    return t
+
+
+def _comm_device() -> Any:
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _clip(model: Any, params: list, max_norm: float) -> float:
+    import torch
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):                    # FSDP2 DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _full_state(model: Any, optimizer: Any | None) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter names."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer else {}
+    return msd, osd
+
+
+def _load_optimizer(model: Any, optimizer: Any, osd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=osd,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _check_loaded(model: Any, sd: dict, where: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if missing or bad:
+        raise UserError(f"checkpoint {where} does not match the model: missing {missing[:5]}, "
+                        f"wrong shapes {bad[:5]}; the spec's model changed since it was written "
+                        "(remove the stage's work dir to start over)")
+
+
+def _checkpoint(runtime: Any, model: Any, optimizer: Any, job: TrainJob, step: int,
+                last: dict, metrics: dict) -> None:
+    msd, osd = _full_state(model, optimizer)      # collective under FSDP: every rank calls it
+    path = None
+    if runtime.rank == 0:
+        path = runtime.scratch()
+        write_checkpoint(path, msd, osd, {
+            "step": step, "samples_seen": step * job.schedule.global_batch,
+            "seed": job.seed, "world_size": runtime.world_size, "metrics": last})
+    runtime.report({**metrics, "step": step}, path)
+
+
+def _export(job: TrainJob, wrapped: Any, rank: int, sharded: bool) -> None:
+    """Rank 0 writes the trained model; sharded weights are gathered into a fresh copy first."""
+    import shutil
+
+    msd = _full_state(wrapped, None)[0] if sharded else None   # collective: every rank calls
+    if rank != 0:
+        return
+    model = _unwrap(wrapped)
+    if sharded:
+        model = job.model()
+        model.load_state_dict(msd, strict=False)
+    shutil.rmtree(job.final_dir, ignore_errors=True)
+    (job.export or _save_pretrained)(model, job.final_dir)
+
+
+def _save_pretrained(model: Any, path: Path) -> None:
+    model.save_pretrained(str(path))
+
+
+class _MetricsWriter:
+    """Rank 0 appends one JSON line per event; the stage process tails the file."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({**row, "time": time.time()}, default=float) + "\n")

@@ -1,0 +1,227 @@
+"""Training stages: `gpt-pretrain`, `retro-fit`, `gpt-fit` (pretraining data) and `instruct`.
+
+Each stage checks its inputs in the stage process (model vs checkpoint shapes, data shapes, the
+blend), then trains on Ray Train (`launcher.launch`) with checkpoints in its work dir, and
+writes a loadable model directory (`models.export`) as its artifact. Metrics stream to the
+tracker every step (loss, lr, grad_norm, tokens_per_s) and every eval interval (val_loss,
+val_ppl). See docs/training.md for params, input slots and files.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from retro.components.training.config import LMTrainer, ResolvedSchedule, resolve
+from retro.components.training.data import NpyRows
+from retro.components.training.loop import TrainJob
+from retro.platform.errors import UserError
+from retro.platform.registry import register
+
+
+# ------------------------------------------------------------------------------ stages
+@register("stage", "gpt-pretrain", version="1")
+def gpt_pretrain(ctx: Any) -> dict:
+    """Train the plain decoder from scratch on the training sequences.
+
+    Params: `model` (model node), `pretrain` (trainer node; schedule `pretrain.gpt`).
+    Inputs: `sequences`, `valid_sequences`, `tokenizer`.
+    Files: the model directory (see `models.export`).
+    """
+    from retro.components.training.models import build_fresh, check_init
+
+    node, trainer = ctx.params["model"], _trainer(ctx.params["pretrain"])
+    if node.get("init") or node.get("init_gguf") or node.get("type") == "hf-causal-lm":
+        raise UserError("model.init is set: start from that checkpoint instead of running "
+                        "gpt-pretrain (the recipe should skip this stage)")
+    vocab, eod = _vocab(ctx)
+    counts = check_init(node, vocab, 64, retro=False, init_dir=None)
+    sched = resolve(trainer.gpt, trainer.seq_length, preset_defaults(node, "pretrain"))
+    train, valid = _lm_rows(ctx, trainer.seq_length, eod)
+    model = functools.partial(build_fresh, node, vocab, 64, retro=False, freeze=False)
+    return _run(ctx, "gpt-pretrain", model, train, valid, sched, trainer, counts)
+
+
+@register("stage", "retro-fit", version="1")
+def retro_fit(ctx: Any) -> dict:
+    """Continued pretraining of Retro initialised from the GPT (decoder weights), with each
+    training sequence's precomputed neighbours (+ continuations) and `model.freeze`.
+
+    Params: `model`, `pretrain` (schedule `pretrain.fit`), `num_neighbours` (int or None: all
+    the artifact holds). Inputs: `sequences`, `valid_sequences`, `neighbours`,
+    `valid_neighbours`, `chunk_db`, `tokens`, `tokenizer`, optional `init` (else `model.init`).
+    """
+    from retro.components.training.models import build_fresh, check_init
+
+    node, trainer = ctx.params["model"], _trainer(ctx.params["pretrain"])
+    if node.get("type", "retro") != "retro" or node.get("retro") is False:
+        raise UserError("retro-fit needs a Retro model: model.type retro with retro: true")
+    vocab, eod = _vocab(ctx)
+    m = _chunk_length(ctx)
+    init = _init_dir(ctx, node)
+    counts = check_init(node, vocab, m, retro=True, init_dir=init)
+    sched = resolve(trainer.fit, trainer.seq_length, preset_defaults(node, "retrofit"))
+    train, valid = _lm_rows(ctx, trainer.seq_length, eod, neighbours=True,
+                            k=ctx.params.get("num_neighbours"))
+    model = functools.partial(build_fresh, node, vocab, m, retro=True, init_dir=init)
+    return _run(ctx, "retro-fit", model, train, valid, sched, trainer, counts, chunk_length=m)
+
+
+@register("stage", "gpt-fit", version="1")
+def gpt_fit(ctx: Any) -> dict:
+    """The control: continued pretraining of the GPT on the same sequences, schedule and seed
+    as retro-fit, without retrieval. Under `model.freeze: frozen` (decoder frozen) nothing of a
+    GPT trains, so the artifact is the initial GPT itself.
+
+    Params: `model`, `pretrain` (schedule `pretrain.fit`).
+    Inputs: `sequences`, `valid_sequences`, `tokenizer`, optional `init` (else `model.init`).
+    """
+    from retro.components.training.models import (build_fresh, check_init,
+                                                   decoder_trainable)
+
+    node, trainer = ctx.params["model"], _trainer(ctx.params["pretrain"])
+    vocab, eod = _vocab(ctx)
+    init = _init_dir(ctx, node)
+    sched = resolve(trainer.fit, trainer.seq_length, preset_defaults(node, "retrofit"))
+    trains = decoder_trainable(node, vocab, 64)
+    counts = check_init(node, vocab, 64, retro=False, init_dir=init) if trains else {}
+    if not trains:
+        sched = ResolvedSchedule(**{**sched.__dict__, "steps": 0})
+        ctx.log.info("model.freeze leaves no decoder parameter trainable: gpt-fit is the "
+                     "initial GPT, unchanged")
+    train, valid = _lm_rows(ctx, trainer.seq_length, eod)
+    model = functools.partial(build_fresh, node, vocab, 64, retro=False, init_dir=init,
+                              freeze=trains)
+    return _run(ctx, "gpt-fit", model, train, valid, sched, trainer, counts)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _trainer(params: dict[str, Any]) -> Any:
+    return LMTrainer.Config.model_validate({k: v for k, v in params.items() if k != "type"})
+
+
+def preset_defaults(node: dict[str, Any], phase: str) -> dict[str, Any]:
+    """The model preset's training values for `phase` (`pretrain`, `retrofit`, `sft`), as
+    Schedule fields; {} when the model has no preset (dims from a checkpoint)."""
+    import math
+
+    from retro.components.models.retro.presets import get_preset
+
+    name = node.get("preset")
+    if name is None and not (node.get("init") or node.get("init_gguf")) \
+            and node.get("type", "retro") == "retro":
+        name = "retro-tiny"                       # the model's own default dims
+    hp = get_preset(name).training.get(phase) if name else None
+    if hp is None:
+        return {}
+    gb = hp.global_batch
+    out: dict[str, Any] = {
+        "global_batch": gb, "lr": hp.lr, "min_lr": hp.min_lr, "decay": hp.decay_style,
+        "weight_decay": hp.weight_decay, "betas": tuple(hp.adam_betas),
+        "grad_clip": hp.clip_grad}
+    if hp.steps:
+        out["steps"] = hp.steps
+    elif hp.tokens:
+        out["tokens"] = int(hp.tokens)
+    if hp.warmup_samples is not None:
+        out["warmup"] = int(round(hp.warmup_samples / gb))
+    if hp.decay_samples:
+        out["decay_steps"] = math.ceil(hp.decay_samples / gb)
+    return out
+
+
+def _vocab(ctx: Any) -> tuple[int, int]:
+    from retro.components.training.models import tokenizer_meta
+
+    meta = tokenizer_meta(ctx.inputs["tokenizer"].path)
+    return int(meta["vocab_size"]), int(meta["eod_id"])
+
+
+def _chunk_length(ctx: Any) -> int:
+    import json
+
+    return int(json.loads((ctx.inputs["chunk_db"].path / "meta.json").read_text())
+               ["chunk_length"])
+
+
+def _init_dir(ctx: Any, node: dict[str, Any]) -> Optional[str]:
+    if "init" in ctx.inputs:
+        return str(ctx.inputs["init"].path)
+    if node.get("init"):
+        return str(node["init"])
+    raise UserError("no GPT to continue from: give model.init (a checkpoint directory) or let "
+                    "the recipe run gpt-pretrain and pass it as input `init`")
+
+
+def _lm_rows(ctx: Any, seq_length: int, eod: int, *, neighbours: bool = False,
+             k: Optional[int] = None) -> tuple[NpyRows, Optional[NpyRows]]:
+    """Train/valid row recipes over `sequences` artifacts (and their neighbours)."""
+    import json
+
+    out = []
+    for seq_slot, nb_slot in (("sequences", "neighbours"), ("valid_sequences",
+                                                             "valid_neighbours")):
+        if seq_slot not in ctx.inputs:
+            out.append(None)
+            continue
+        path = ctx.inputs[seq_slot].path
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["seq_length"] != seq_length:
+            raise UserError(f"pretrain.seq_length is {seq_length} but the {seq_slot} artifact "
+                            f"holds sequences of {meta['seq_length']} tokens; make them agree")
+        nb = None
+        if neighbours:
+            nb = functools.partial(_db_neighbours, str(ctx.inputs[nb_slot].path),
+                                   str(ctx.inputs["chunk_db"].path),
+                                   str(ctx.inputs["tokens"].path), k)
+        out.append(NpyRows(str(path / "tokens.npy"), seq_length, neighbours=nb, pad_id=eod))
+    if out[0] is None:
+        raise UserError("training stage without `sequences` input: the recipe must pass them")
+    return out[0], out[1]
+
+
+def _db_neighbours(neighbours_path: str, chunk_db_path: str, tokens_path: str,
+                   k: Optional[int]) -> Any:
+    from retro.components.training.neighbours import DBNeighbours
+
+    return DBNeighbours(neighbours_path, chunk_db_path, tokens_path, k)
+
+
+def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: ResolvedSchedule,
+         run: Any, counts: dict[str, Any], *, chunk_length: int = 64,
+         export: Any = None, extra: Optional[dict[str, Any]] = None) -> dict:
+    """Launch the job on the stage's resources, forward metrics, move the model into place."""
+    from retro.components.training.launcher import launch
+    from retro.components.training.models import export as export_model
+
+    meta = {"stage": kind, "schedule": sched.__dict__, "seed": ctx.seed,
+            "seq_length": train.seq_length, "chunk_length": chunk_length, **(extra or {})}
+    export = export or functools.partial(
+        export_model, tokenizer_dir=str(ctx.inputs["tokenizer"].path), meta=meta)
+    job = TrainJob(name=ctx.name, model=model, train_data=train, val_data=valid,
+                   schedule=sched, run=run, seed=ctx.seed, out_dir=str(ctx.work_dir / "job"),
+                   export=export)
+    res = ctx.resources
+    ctx.log.info("%s: %d steps x %d sequences, lr %.3g -> %.3g, %d workers; params %s",
+                 kind, sched.steps, sched.global_batch, sched.lr, sched.min_lr,
+                 res.num_workers, counts)
+    summary = launch(job, num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker,
+                     gpus_per_worker=res.gpus_per_worker, storage=ctx.work_dir,
+                     on_row=functools.partial(_forward, ctx))
+    for item in job.final_dir.iterdir():
+        shutil.move(str(item), str(Path(ctx.out_dir) / item.name))
+    return {**summary, **{f"params_{k}": v for k, v in counts.items()},
+            "global_batch": sched.global_batch, "lr": sched.lr}
+
+
+def _forward(ctx: Any, row: dict[str, Any]) -> None:
+    kind, step = row.get("kind"), int(row.get("step", 0))
+    if kind == "resume":
+        ctx.log.info("resumed from the checkpoint at step %d", step)
+        ctx.summary["resumed_from"] = step
+        return
+    keys = ("loss", "lr", "grad_norm", "tokens_per_s") if kind == "train" \
+        else ("val_loss", "val_ppl")
+    ctx.log_metrics(step=step, **{k: row[k] for k in keys if k in row})
