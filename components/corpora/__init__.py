@@ -1,0 +1,1 @@
+"""Corpora: read documents (id, title, text) from files on disk (JSON Lines, text dirs, HF datasets)."""

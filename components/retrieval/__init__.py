@@ -1,0 +1,1 @@
+"""The retrieval database: tokens, chunk DB, embeddings, faiss/BM25 indexes, neighbours, retrievers."""

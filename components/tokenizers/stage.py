@@ -1,0 +1,49 @@
+"""The `tokenizer` stage (train or copy the decoder tokenizer) and `load_tokenizer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from retro.components.retrieval.common import build_component, write_meta
+from retro.platform.registry import register
+
+
+@register("stage", "tokenizer", version="1")
+def tokenizer_stage(ctx: Any) -> dict:
+    """Save the decoder tokenizer into the artifact as an HF fast-tokenizer folder.
+
+    Params: `tokenizer` (the spec's tokenizer node), `corpus` (only for tokenizers that train).
+    Files: `tokenizer.json`, `tokenizer_config.json`, `meta.json` {eod_id, vocab_size}.
+    """
+    source = build_component("tokenizer", ctx.params["tokenizer"])
+    corpus = build_component("corpus", ctx.params["corpus"]) if source.needs_corpus else None
+    if corpus is not None:
+        corpus.sources()  # a missing corpus fails here, before training
+    tok = source.build(corpus, ctx.log)
+    tok.save_pretrained(str(ctx.out_dir))
+    vocab_size = len(tok)
+    write_meta(ctx.out_dir, eod_id=int(tok.eos_token_id), eod_token=tok.eos_token,
+               vocab_size=vocab_size)
+    return {"vocab_size": vocab_size, "eod_id": int(tok.eos_token_id)}
+
+
+def load_tokenizer(artifact_path: Any):
+    """The decoder tokenizer saved by the `tokenizer` stage.
+
+    Args:
+        artifact_path: the tokenizer artifact (an `Artifact` or its folder).
+
+    Returns:
+        A `PreTrainedTokenizerFast` with `eos_token_id` = the EOD id and pad = eos.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(getattr(artifact_path, "path", artifact_path))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+tokenizer_stage.estimate = lambda params: {"tokenizer": params["tokenizer"].get("type")}
