@@ -186,12 +186,16 @@ def build_model(model_cfg, vocab_size: Optional[int] = None, chunk_length: int =
     if device is not None and str(device) == "meta":
         with torch.device("meta"):
             model = RetroForCausalLM(config)
+    elif load_init and source is not None:  # init: the checkpoint's decoder, fresh Retro parts
+        from transformers import AutoModelForCausalLM
+
+        decoder = AutoModelForCausalLM.from_pretrained(checkpoint_dir(source),
+                                                       attn_implementation="sdpa")
+        model = RetroForCausalLM(config, decoder=decoder)
     else:
         model = RetroForCausalLM(config)
-        if load_init and source is not None:
-            init_from_gpt(model, source)
-        if device is not None:
-            model = model.to(device)
+    if device is not None and str(device) != "meta":
+        model = model.to(device)
     try:
         model.freeze_counts = apply_freeze(model, model_cfg.freeze)
     except ValueError as e:
