@@ -30,6 +30,8 @@ MODULES = [
     "retro.components.instruct.sources",
     "retro.components.instruct.stage",
     "retro.components.trackers.wandb_tracker",
+    "retro.components.evaluators.qa",
+    "retro.components.evaluators.ppl",
     "retro.components.models.retro.component",
     "retro.components.models.retro.checkpoints",
 ]

@@ -1,0 +1,210 @@
+"""Held-out perplexity and bits per byte: the `ppl` evaluator and its `eval-ppl` stage.
+
+Every model scores the same tokens: tokens 1..n-1 of each held-out sequence (the `sequences`
+artifact of the `valid` split, whose documents are not in the retrieval DB). A Retro model reads
+the sequence's neighbours (the `neighbours` artifact of that split: k DB chunks per chunk, with
+every document of the sequence excluded, as in training) through its encoder.
+
+Ablations (fields, or recipe consts that override them):
+- `encoder: false` sets the CCA gate to 0 (the decoder alone; InstructRetro's encoder bypass).
+- `retrieval_context: true` puts retrieved text in the *prompt* instead (in-context RAG, for any
+  model): chunk j (j >= 1) is scored after the top `context_neighbours` neighbours (+
+  continuations) of chunk j-1, followed by up to `context_window` preceding tokens of the
+  sequence (decoder only: no encoder input). Chunk 0 is scored as usual, so the scored tokens
+  stay the same.
+
+bits per byte = total NLL / ln 2 / UTF-8 bytes of the scored tokens' text (decoded with the DB
+tokenizer, special tokens dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import Field
+
+from retro.platform.registry import StrictModel, register, registry
+from retro.platform.stage import StageCall, StageContext
+
+ABLATIONS = ("encoder", "retrieval_context")
+
+
+@register("evaluator", "ppl")
+class PplEvaluator:
+    """Held-out perplexity and bits per byte; Retro reads same-DB neighbours (doc-excluded)."""
+
+    class Config(StrictModel):
+        split: str = "valid"
+        """Sequences/neighbours split the recipe wires in (`valid` or `heldout`)."""
+        max_sequences: Optional[int] = Field(64, ge=1)
+        """Score at most this many sequences (the first ones; None: all)."""
+        batch_size: int = Field(4, ge=1)
+        """Sequences per forward pass."""
+        neighbours: Optional[int] = Field(None, ge=1)
+        """Neighbours per chunk given to the encoder (the first n of the artifact's k; None:
+        all)."""
+        encoder: bool = True
+        """False: CCA gate 0, the encoder is bypassed."""
+        retrieval_context: bool = False
+        """Prepend the previous chunk's retrieved neighbours to the context of every chunk."""
+        context_neighbours: int = Field(1, ge=1)
+        """Neighbours (+ continuation) prepended per chunk with `retrieval_context`."""
+        context_window: int = Field(512, ge=0)
+        """Preceding sequence tokens kept after the retrieved text with `retrieval_context`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+
+def eval_ppl_calls(eval_path: str, model_call: str, *, split: str = "valid", suffix: str = "",
+                   ablations: list[dict[str, bool]] | None = None, retro_model: bool = True
+                   ) -> list[StageCall]:
+    """`eval-ppl` calls for one model with the ppl evaluator at `eval_path` (e.g. `eval.0`).
+
+    Wires `sequences-<split>`, `tokenizer`, and (when neighbours are used) `neighbours-<split>`,
+    `chunk-db`, `tokenize`: the names `retrieval.api.db_stage_calls(spec, splits=(..., split))`
+    gives them.
+
+    Args:
+        eval_path: dotted path of the evaluator node.
+        model_call: call producing the model folder.
+        split: the sequences split (must match the node's `split`).
+        suffix: model name in the call names: `eval-ppl-<suffix>[-<ablation>]`.
+        ablations: one call per dict of overrides, e.g. [{}, {"encoder": False}].
+        retro_model: the model may read neighbours (else they are not wired for encoder-on
+            calls, so a GPT's ppl does not depend on the retriever).
+    """
+    calls = []
+    for overrides in ablations or [{}]:
+        tag = "".join(f"-{'ctx' if k == 'retrieval_context' else k}-{'on' if v else 'off'}"
+                      for k, v in overrides.items())
+        inputs = {"model": model_call, "sequences": f"sequences-{split}",
+                  "tokenizer": "tokenizer"}
+        if overrides.get("retrieval_context", False) or (retro_model and
+                                                         overrides.get("encoder", True)):
+            inputs |= {"neighbours": f"neighbours-{split}", "chunk_db": "chunk-db",
+                       "tokens": "tokenize"}
+        calls.append(StageCall(f"eval-ppl{'-' + suffix if suffix else ''}{tag}", "eval-ppl",
+                               reads={"evaluator": eval_path}, consts=dict(overrides),
+                               inputs=inputs))
+    return calls
+
+
+def settings(params: dict[str, Any]) -> PplEvaluator.Config:
+    """The evaluator config of a stage: its `evaluator` node with ablation consts applied."""
+    node = registry.get("evaluator", "ppl").node_model().model_validate(params["evaluator"])
+    return node.model_copy(update={k: params[k] for k in ABLATIONS if k in params})
+
+
+@register("stage", "eval-ppl", version="1")
+def eval_ppl(ctx: StageContext) -> dict[str, Any]:
+    """Perplexity, mean NLL (nats/token) and bits per byte of one model on held-out sequences.
+
+    Params: `evaluator` (the ppl node), optional consts `encoder`, `retrieval_context`.
+    Inputs: `model`, `sequences` (a sequences artifact), `tokenizer` (the DB tokenizer, for
+    bytes); with neighbours: `neighbours`, `chunk_db`, `tokens`.
+    Writes: per_sequence.jsonl ({seq, nll, tokens, bytes}) and scores.json.
+    """
+    import torch
+
+    from retro.components.evaluators.lm import load_eval_lm, token_nll
+    from retro.components.retrieval.api import Sequences, load_tokenizer
+
+    cfg = settings(ctx.params)
+    seqs = Sequences(ctx.inputs["sequences"])
+    tokenizer = load_tokenizer(ctx.inputs["tokenizer"])
+    lm = load_eval_lm(ctx.inputs["model"].path, ctx.inputs["tokenizer"].path,
+                      threads=max(1, int(ctx.resources.cpus_per_worker)))
+    if not cfg.encoder:
+        lm.set_gate(0.0)
+    source = _neighbour_source(ctx, cfg)
+    from retro.platform.errors import UserError
+
+    if cfg.retrieval_context and source is None:
+        raise UserError(f"stage {ctx.name}: retrieval_context needs `neighbours`, `chunk_db` "
+                        "and `tokens` inputs")
+    if source is not None and lm.is_retro and source.db.chunk_length != lm.chunk_length:
+        raise UserError(f"stage {ctx.name}: the model's chunk length is {lm.chunk_length} but "
+                        f"the neighbours were built with retriever.chunk_length = "
+                        f"{source.db.chunk_length}; they must agree")
+    n = min(len(seqs), cfg.max_sequences or len(seqs))
+    total_nll, total_tokens, total_bytes = 0.0, 0, 0
+    with ctx.progress(n, ctx.name) as bar, open(ctx.out_dir / "per_sequence.jsonl", "w") as fh:
+        for start in range(0, n, cfg.batch_size):
+            rows = np.arange(start, min(n, start + cfg.batch_size))
+            toks = torch.from_numpy(np.asarray(seqs.tokens[rows], dtype=np.int64))  # [b, n]
+            if cfg.retrieval_context:
+                nll = _in_context_nll(lm, toks, source.tokens(rows), source.db.chunk_length,
+                                      cfg)
+            else:
+                nb = None
+                if source is not None and lm.is_retro and cfg.encoder:
+                    nb = torch.from_numpy(source.tokens(rows))  # [b, chunks, k, 2m]
+                    nb = nb[:, : -(-(toks.shape[1] - 1) // lm.chunk_length)]
+                nll = token_nll(lm, toks[:, :-1], toks[:, 1:], nb)  # [b, n-1]
+            for i, row in enumerate(rows):
+                text = tokenizer.decode(toks[i, 1:].tolist(), skip_special_tokens=True)
+                s_nll, s_bytes = float(nll[i].sum()), len(text.encode("utf-8"))
+                fh.write(json.dumps({"seq": int(row), "nll": s_nll,
+                                     "tokens": int(toks.shape[1] - 1), "bytes": s_bytes}) + "\n")
+                total_nll += s_nll
+                total_tokens += toks.shape[1] - 1
+                total_bytes += s_bytes
+            ctx.log_metrics(step=int(rows[-1]) + 1, running_ppl=math.exp(total_nll / total_tokens))
+            bar.update(len(rows))
+    loss = total_nll / total_tokens
+    summary = {"loss": loss, "ppl": math.exp(loss),
+               "bpb": total_nll / math.log(2) / max(total_bytes, 1),
+               "tokens": total_tokens, "bytes": total_bytes, "sequences": n,
+               "uses_neighbours": bool(source is not None and lm.is_retro and cfg.encoder
+                                       and not cfg.retrieval_context)}
+    (ctx.out_dir / "scores.json").write_text(json.dumps(
+        {"settings": cfg.model_dump(mode="json"), "model_is_retro": lm.is_retro,
+         "scores": summary}, indent=2))
+    return summary
+
+
+def _neighbour_source(ctx: StageContext, cfg: PplEvaluator.Config) -> Any:
+    if not {"neighbours", "chunk_db", "tokens"} <= set(ctx.inputs):
+        return None
+    from retro.components.training.neighbours import DBNeighbours
+
+    return DBNeighbours(str(ctx.inputs["neighbours"].path), str(ctx.inputs["chunk_db"].path),
+                        str(ctx.inputs["tokens"].path), cfg.neighbours)
+
+
+def _in_context_nll(lm: Any, toks: Any, nb_tokens: np.ndarray, m: int,
+                    cfg: PplEvaluator.Config) -> Any:
+    """NLL [b, n-1] of tokens 1..n-1, chunk j >= 1 (of the DB's chunk length m) scored after
+    the text of chunk j-1's neighbours and up to `context_window` preceding tokens."""
+    import torch
+
+    from retro.components.evaluators.lm import token_nll
+
+    b, n = toks.shape
+    out = torch.zeros(b, n - 1, dtype=torch.float64)
+    first = min(m, n)
+    out[:, : first - 1] = token_nll(lm, toks[:, : first - 1], toks[:, 1:first])
+    for j in range(1, -(-n // m)):
+        lo, hi = j * m, min((j + 1) * m, n)
+        prompts, targets = [], []
+        for i in range(b):
+            retrieved = nb_tokens[i, j - 1, : cfg.context_neighbours].reshape(-1)
+            retrieved = [int(t) for t in retrieved if t >= 0]
+            prefix = retrieved + toks[i, max(0, lo - cfg.context_window):lo].tolist()
+            prompts.append(prefix or [int(toks[i, lo - 1])])
+            targets.append(toks[i, lo:hi].tolist())
+        width = max(len(p) + len(t) for p, t in zip(prompts, targets))
+        ids = torch.zeros(b, width, dtype=torch.long)
+        labels = torch.full((b, width), -1, dtype=torch.long)
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            seq = p + t
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(p) - 1: len(p) - 1 + len(t)] = torch.tensor(t)  # right padding
+        nll = token_nll(lm, ids, labels)
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            out[i, lo - 1: hi - 1] = nll[i, len(p) - 1: len(p) - 1 + len(t)]
+    return out

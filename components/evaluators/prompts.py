@@ -1,0 +1,86 @@
+"""Zero-shot QA prompts in InstructRetro's format (REFERENCE §5.1, Megatron
+`tools/retro/sft/dataset_conv.py::reformat_prompt`), or the same content through a tokenizer's
+chat template.
+
+instructretro:
+    System: This is a chat between ... found in the context.\\n\\n
+    title: <t1>, source: <passage 1>\\n\\n ... title: <tk>, source: <passage k>\\n\\n
+    User: Answer the following question with a short span. <question>\\n\\n
+    Assistant: The answer is
+
+The passages are cut (in tokens) so that the prompt plus the answer fits `max_prompt_tokens`.
+Generation stops at end-of-text or when the model starts a new `User:` turn; short-span answers
+also stop at the first newline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, Sequence
+
+PromptFormat = Literal["instructretro", "chat"]
+
+SYSTEM = ("This is a chat between a user and an artificial intelligence assistant. The "
+          "assistant gives helpful, detailed, and polite answers to the user's questions based "
+          "on the context. The assistant should also indicate when the answer cannot be found "
+          "in the context.")
+SHORT_SPAN = "Answer the following question with a short span. "
+ANSWER_PREFIX = "The answer is"
+STOP_SEQUENCES = ["\nUser:", "User:", "<|endoftext|>", "<|im_end|>", "</s>"]
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def format_passage(title: str, text: str) -> str:
+    """One retrieved passage the way InstructRetro feeds it: `title: ..., source: ...`."""
+    return f"title: {title}, source: {text}"
+
+
+def build_prompt(fmt: PromptFormat, question: str, passages: Sequence[str], tokenizer: Any,
+                 max_prompt_tokens: int, answer_tokens: int) -> list[int]:
+    """Token ids of the QA prompt.
+
+    Args:
+        fmt: `instructretro` (plain text turns) or `chat` (the tokenizer's chat template).
+        question: the question text.
+        passages: formatted passages (`format_passage`), best first; empty for no context.
+        tokenizer: a transformers tokenizer (`encode`/`decode`, `apply_chat_template` for chat).
+        max_prompt_tokens: budget for prompt + answer; the context is cut to fit.
+        answer_tokens: tokens reserved for the answer.
+    """
+    user = SHORT_SPAN + question.strip()
+    context = "\n\n".join(passages) + "\n\n" if passages else ""
+    if fmt == "instructretro":
+        head, tail = f"System: {SYSTEM}\n\n", f"User: {user}\n\nAssistant: {ANSWER_PREFIX}"
+    else:
+        head, tail = "", ""
+    fixed = len(_encode(tokenizer, head + tail)) + (64 if fmt == "chat" else 0)
+    context = _cut(tokenizer, context, max_prompt_tokens - answer_tokens - fixed)
+    if fmt == "instructretro":
+        return _encode(tokenizer, head + context + tail)
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": context + user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _encode(tokenizer, text + ANSWER_PREFIX)
+
+
+def clean_answer(text: str) -> str:
+    """The generated span up to a stop sequence or newline, trimmed."""
+    for stop in STOP_SEQUENCES:
+        text = text.split(stop, 1)[0]
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _cut(tokenizer: Any, text: str, budget: int) -> str:
+    if not text:
+        return text
+    ids = _encode(tokenizer, text)
+    if len(ids) <= budget:
+        return text
+    return tokenizer.decode(ids[:max(budget, 0)]) + "\n\n" if budget > 0 else ""

@@ -1,0 +1,297 @@
+"""Zero-shot open-domain QA (InstructRetro §5.1): the `qa` evaluator and its two stages.
+
+    qa-retrieve  questions -> top-k passages from the configured retriever, per dataset
+                 (contexts/<dataset>.jsonl) and the retriever's answer recall@k. Needs no model,
+                 so every model and ablation shares it.
+    eval-qa      model (+ contexts) -> greedy answers in InstructRetro's prompt format,
+                 EM / token F1 (SQuAD normalisation, max over golds, in %), per-example
+                 predictions (predictions/<dataset>.jsonl).
+
+Ablations (fields, or recipe consts that override them): `retrieval_context: false` is
+closed-book (no passages in the prompt; then no `contexts` input is needed); `encoder: false`
+sets the CCA gate to 0 (InstructRetro's encoder bypass). With the encoder on, a Retro model gets
+the question's top `encoder_neighbours` passages as the neighbours of every chunk (Megatron's
+`--reuse-top`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field, model_validator
+
+from retro.components.evaluators.metrics import answer_in_text, mean, qa_scores
+from retro.components.evaluators.prompts import PromptFormat
+from retro.components.evaluators.qa_data import DatasetName, load_questions
+from retro.platform.registry import StrictModel, register, registry
+from retro.platform.spec.types import DataPath
+from retro.platform.stage import StageCall, StageContext
+
+RETRIEVE_FIELDS = ("datasets", "data_dir", "limit", "answer_in_corpus", "retrieve_k")
+ABLATIONS = ("encoder", "retrieval_context")
+
+
+@register("evaluator", "qa")
+class QAEvaluator:
+    """Zero-shot open-domain QA: retrieved passages in the prompt, greedy answers, EM / F1."""
+
+    class Config(StrictModel):
+        datasets: list[DatasetName] = ["nq_open"]
+        """Datasets under `data_dir`: nq_open, triviaqa_open, squad_v2 (answerable questions),
+        webquestions."""
+        data_dir: DataPath
+        """Folder holding the dataset folders (e.g. `${env:RETRO_DATA,../shared/data}`)."""
+        limit: Optional[int] = Field(200, ge=1)
+        """Questions per dataset, in file order (None: all)."""
+        answer_in_corpus: bool = False
+        """Keep only questions whose gold answer string occurs in the wiki_featured corpus
+        (the datasets' `answer_in_wiki_featured` flag)."""
+        retrieve_k: int = Field(20, ge=1)
+        """Passages retrieved per question; answer recall is reported at 1, 5 and this k."""
+        passages: int = Field(5, ge=0)
+        """Top passages put in the prompt (InstructRetro: 5 for NQ / TriviaQA)."""
+        encoder_neighbours: int = Field(2, ge=0)
+        """Top passages fed to a Retro encoder as every chunk's neighbours (InstructRetro 48B:
+        2); ignored for models without an encoder or with `encoder: false`."""
+        retrieval_context: bool = True
+        """Put the retrieved passages in the prompt; false: closed-book QA."""
+        encoder: bool = True
+        """False: CCA gate 0, the encoder is bypassed (InstructRetro 43B setting)."""
+        prompt: PromptFormat = "instructretro"
+        """`instructretro`: System/User/Assistant text turns ending in "The answer is";
+        `chat`: the same content through the tokenizer's chat template."""
+        max_new_tokens: int = Field(32, ge=1)
+        """Generation budget per answer (InstructRetro allows 256; short spans need few)."""
+        max_prompt_tokens: int = Field(2048, ge=64)
+        """Prompt + answer budget; the passages are cut to fit."""
+        stop_at_newline: bool = True
+        """End an answer at its first newline (short-span answers)."""
+
+        @model_validator(mode="after")
+        def _k(self) -> "QAEvaluator.Config":
+            if max(self.passages, self.encoder_neighbours) > self.retrieve_k:
+                raise ValueError(f"passages ({self.passages}) and encoder_neighbours "
+                                 f"({self.encoder_neighbours}) must be <= retrieve_k "
+                                 f"({self.retrieve_k})")
+            return self
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+
+def qa_retrieve_call(spec: Any, eval_path: str, name: str = "qa-retrieve") -> StageCall:
+    """The `qa-retrieve` call for the qa evaluator at `eval_path` (e.g. `eval.1`).
+
+    Uses the spec's `retriever` and the retrieval DB calls of
+    `retro.components.retrieval.api.db_stage_calls` (tokenizer, tokenize, chunk-db, fill-index
+    or bm25-index), which the recipe must include. One call serves every model.
+    """
+    from retro.components.retrieval.api import retriever_inputs
+
+    reads = {f: f"{eval_path}.{f}" for f in RETRIEVE_FIELDS} | {"retriever_type": "retriever.type"}
+    if spec.retriever.type == "bm25":
+        reads["stopwords"] = "retriever.stopwords"
+    else:
+        reads |= {"embedder": "retriever.embedder", "index": "retriever.index"}
+    return StageCall(name, "qa-retrieve", reads=reads, inputs=retriever_inputs(spec))
+
+
+def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None = "qa-retrieve",
+                  suffix: str = "", tokenizer_call: str | None = None,
+                  ablations: list[dict[str, bool]] | None = None, retro_model: bool = True
+                  ) -> list[StageCall]:
+    """`eval-qa` calls evaluating one model with the qa evaluator at `eval_path`.
+
+    Args:
+        eval_path: dotted path of the evaluator node, e.g. `eval.1`.
+        model_call: call producing the model folder (Retro checkpoint or HF model).
+        contexts_call: the `qa-retrieve` call (None: closed-book only).
+        suffix: model name in the call names: `eval-qa-<suffix>[-<ablation>]`.
+        tokenizer_call: call producing a tokenizer folder, when the model folder has none.
+        ablations: one call per dict of overrides, e.g. [{}, {"encoder": False},
+            {"retrieval_context": False}]; default [{}] (the node as written). Names get
+            `-ctx-off`, `-encoder-off`, ...
+        retro_model: the model may have an encoder (then the encoder's neighbours also come
+            from the contexts); False lets closed-book calls skip the contexts input, so they
+            are shared by every retriever variant.
+    """
+    calls = []
+    for overrides in ablations or [{}]:
+        tag = "".join(f"-{'ctx' if k == 'retrieval_context' else k}-{'on' if v else 'off'}"
+                      for k, v in overrides.items())
+        needs = overrides.get("retrieval_context", True) or (
+            retro_model and overrides.get("encoder", True))
+        inputs = {"model": model_call}
+        if tokenizer_call:
+            inputs["tokenizer"] = tokenizer_call
+        if contexts_call and needs:
+            inputs["contexts"] = contexts_call
+        calls.append(StageCall(f"eval-qa{'-' + suffix if suffix else ''}{tag}", "eval-qa",
+                               reads={"evaluator": eval_path}, consts=dict(overrides),
+                               inputs=inputs))
+    return calls
+
+
+def settings(params: dict[str, Any]) -> QAEvaluator.Config:
+    """The evaluator config of a stage: its `evaluator` node with ablation consts applied."""
+    node = registry.get("evaluator", "qa").node_model().model_validate(params["evaluator"])
+    return node.model_copy(update={k: params[k] for k in ABLATIONS if k in params})
+
+
+# ------------------------------------------------------------------------------ qa-retrieve
+
+@register("stage", "qa-retrieve", version="1")
+def qa_retrieve(ctx: StageContext) -> dict[str, Any]:
+    """Top-`retrieve_k` passages for every question, and answer recall@{1, 5, k}.
+
+    Params: datasets, data_dir, limit, answer_in_corpus, retrieve_k (the evaluator's fields);
+    retriever_type and embedder + index (dense) or stopwords (bm25) from the spec's retriever.
+    Inputs: tokenizer, tokens, chunk_db and index (dense: fill-index) or bm25 (bm25-index), as
+    `retro.components.retrieval.api.retriever_inputs(spec)` names them.
+    Writes: contexts/<dataset>.jsonl ({id, question, answers, passages: [{chunk_id, doc_id,
+    title, text, score}]}).
+    """
+    from dataclasses import asdict
+
+    from retro.components.retrieval.api import Retriever
+
+    p = ctx.params
+    node = {"type": p["retriever_type"],
+            **{k: p[k] for k in ("embedder", "index", "stopwords") if k in p}}
+    retriever = Retriever.from_artifacts(node, ctx.inputs)
+    out = ctx.out_dir / "contexts"
+    out.mkdir()
+    summary: dict[str, Any] = {}
+    ks = sorted({1, min(5, p["retrieve_k"]), p["retrieve_k"]})
+    for name in p["datasets"]:
+        examples = load_questions(p["data_dir"], name, p["limit"], p["answer_in_corpus"])
+        t0 = time.time()
+        hits = [[asdict(ps) for ps in row]
+                for row in retriever.search([e.question for e in examples], p["retrieve_k"])]
+        found = []
+        with open(out / f"{name}.jsonl", "w") as fh:
+            for ex, passages in zip(examples, hits):
+                first = next((i for i, ps in enumerate(passages)
+                              if answer_in_text(f"{ps['title']} {ps['text']}", ex.answers)), None)
+                found.append(first)
+                fh.write(json.dumps({**ex.to_json(), "answer_rank": first,
+                                     "passages": passages}) + "\n")
+        for k in ks:
+            summary[f"{name}/recall@{k}"] = 100 * mean(f is not None and f < k for f in found)
+        summary[f"{name}/n"] = len(examples)
+        ctx.log.info("%s: %d questions retrieved in %.1fs; recall %s", name, len(examples),
+                     time.time() - t0, {k: round(summary[f'{name}/recall@{k}'], 1) for k in ks})
+    return summary
+
+
+# ------------------------------------------------------------------------------ eval-qa
+
+@register("stage", "eval-qa", version="1")
+def eval_qa(ctx: StageContext) -> dict[str, Any]:
+    """Greedy zero-shot answers, EM and token F1 (in %) per dataset.
+
+    Params: `evaluator` (the qa node), optional consts `encoder`, `retrieval_context`.
+    Inputs: `model` (Retro checkpoint or HF model folder), optional `tokenizer` (a folder with
+    tokenizer.json, when the model has none), `contexts` (qa-retrieve output; required when
+    `retrieval_context` is on).
+    Writes: predictions/<dataset>.jsonl and scores.json.
+    """
+    from retro.components.evaluators.lm import load_eval_lm
+
+    cfg = settings(ctx.params)
+    if cfg.retrieval_context and "contexts" not in ctx.inputs:
+        from retro.platform.errors import UserError
+
+        raise UserError(f"stage {ctx.name}: retrieval_context is on but the recipe gave no "
+                        "`contexts` input (a qa-retrieve stage); set retrieval_context: false "
+                        "for closed-book QA")
+    tok = ctx.inputs["tokenizer"].path if "tokenizer" in ctx.inputs else None
+    lm = load_eval_lm(ctx.inputs["model"].path, tok,
+                      threads=max(1, int(ctx.resources.cpus_per_worker)))
+    if not cfg.encoder:
+        lm.set_gate(0.0)
+    out = ctx.out_dir / "predictions"
+    out.mkdir()
+    summary: dict[str, Any] = {}
+    step = 0
+    for name in cfg.datasets:
+        rows = _examples(ctx, cfg, name)
+        scores = []
+        with ctx.progress(len(rows), f"{ctx.name} {name}") as bar, \
+                open(out / f"{name}.jsonl", "w") as fh:
+            for row in rows:
+                pred = answer_one(lm, cfg, name, row)
+                scores.append(pred)
+                fh.write(json.dumps(pred) + "\n")
+                bar.update(1)
+                if len(scores) % 25 == 0 or len(scores) == len(rows):
+                    ctx.log_metrics(step=step, **{f"{name}/em_running":
+                                                  100 * mean(s["em"] for s in scores)})
+                    step += 1
+        summary[f"{name}/em"] = 100 * mean(s["em"] for s in scores)
+        summary[f"{name}/f1"] = 100 * mean(s["f1"] for s in scores)
+        summary[f"{name}/n"] = len(scores)
+        if cfg.retrieval_context:
+            summary[f"{name}/answer_in_prompt"] = 100 * mean(s["answer_in_prompt"]
+                                                             for s in scores)
+    (ctx.out_dir / "scores.json").write_text(json.dumps(
+        {"settings": cfg.model_dump(mode="json"), "model_is_retro": lm.is_retro,
+         "scores": summary}, indent=2))
+    return summary
+
+
+def _examples(ctx: StageContext, cfg: QAEvaluator.Config, name: str) -> list[dict[str, Any]]:
+    """Questions (with passages when the prompt uses them), in the contexts' order."""
+    if "contexts" in ctx.inputs:
+        path = ctx.inputs["contexts"].file(f"contexts/{name}.jsonl")
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{**e.to_json(), "passages": []}
+            for e in load_questions(cfg.data_dir, name, cfg.limit, cfg.answer_in_corpus)]
+
+
+def answer_one(lm: Any, cfg: QAEvaluator.Config, dataset: str, row: dict[str, Any]
+               ) -> dict[str, Any]:
+    """Prompt, generate and score one question; returns the prediction record."""
+    from retro.components.evaluators.lm import greedy_generate
+    from retro.components.evaluators.prompts import (STOP_SEQUENCES, build_prompt,
+                                                     clean_answer, format_passage)
+
+    passages = row["passages"][:cfg.passages] if cfg.retrieval_context else []
+    texts = [format_passage(p.get("title", ""), p["text"]) for p in passages]
+    prompt = build_prompt(cfg.prompt, row["question"], texts, lm.tokenizer,
+                          cfg.max_prompt_tokens, cfg.max_new_tokens)
+    stops = STOP_SEQUENCES + (["\n"] if cfg.stop_at_newline else [])
+    retrieve = None
+    if lm.is_retro and cfg.encoder and cfg.encoder_neighbours and row["passages"]:
+        retrieve = encoder_neighbours(lm, row["passages"][:cfg.encoder_neighbours])
+    raw = greedy_generate(lm, prompt, cfg.max_new_tokens, stops, retrieve=retrieve)
+    prediction = clean_answer(raw)
+    return {"id": row["id"], "question": row["question"], "answers": row["answers"],
+            "prediction": prediction, "raw": raw, **qa_scores(prediction, row["answers"]),
+            "passage_ids": [p.get("chunk_id") for p in passages],
+            "answer_in_prompt": any(answer_in_text(t, row["answers"]) for t in texts),
+            "prompt_tokens": len(prompt)}
+
+
+def encoder_neighbours(lm: Any, passages: list[dict[str, Any]]):
+    """`retrieve(chunk_text) -> [k, 2m]`: the question's top passages for every chunk
+    (Megatron's `--reuse-top`), as neighbour + continuation tokens padded with -1."""
+    r = 2 * lm.chunk_length
+    block = []
+    for p in passages:
+        ids = lm.tokenizer.encode(p["text"], add_special_tokens=False)[:r]
+        block.append(ids + [-1] * (r - len(ids)))
+
+    def retrieve(chunk_text: str) -> list[list[int]]:
+        return block
+
+    return retrieve
+
+
+def read_predictions(artifact_dir: Path, dataset: str) -> list[dict[str, Any]]:
+    """The per-example records an eval-qa artifact saved for `dataset`."""
+    path = Path(artifact_dir) / "predictions" / f"{dataset}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
