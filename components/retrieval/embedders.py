@@ -101,7 +101,9 @@ class HFMeanPoolEmbedder:
         self.check()
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         self._tokenizer = AutoTokenizer.from_pretrained(self.path)
         model = AutoModel.from_pretrained(self.path)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
