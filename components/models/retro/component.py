@@ -84,9 +84,12 @@ class RetroModelSpec:
     """Retro: a transformers decoder + bidirectional encoder + chunked cross-attention."""
 
     class Config(_Common):
-        preset: Optional[Literal[PRESET_NAMES]] = None  # type: ignore[valid-type]
-        """Size preset (presets.py). None: the dims of the `init` checkpoint, or `retro-tiny`
-        without init. With both, the checkpoint must match the preset's dims."""
+        preset: Optional[Literal[PRESET_NAMES]] = Field(  # type: ignore[valid-type]
+            None, description="Size preset (presets.py): " + ", ".join(PRESET_NAMES) + ". None: "
+            "the dims of the `init` checkpoint, or `retro-tiny` without init. With both, the "
+            "checkpoint must match the preset's dims.")
+        """Size preset by name (the description lists them). None: the `init` checkpoint's dims,
+        or `retro-tiny` without init."""
         overrides: dict[str, Any] = {}
         """Dims fields replacing the preset's: family, n_layers, d_model, n_heads, n_kv_heads,
         ffn_hidden, vocab_size, max_seq_len, rotary_percent, rope_theta, tied_embeddings, bias,
