@@ -32,6 +32,7 @@ MODULES = [
     "retro.components.trackers.wandb_tracker",
     "retro.components.evaluators.qa",
     "retro.components.evaluators.ppl",
+    "retro.components.evaluators.recipe",
     "retro.components.models.retro.component",
     "retro.components.models.retro.checkpoints",
 ]

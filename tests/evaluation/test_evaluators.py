@@ -154,3 +154,20 @@ def test_call_helpers_wire_slots_and_share_closed_book(tmp_path, shared_data):
     assert [c.name for c in ppl] == ["eval-ppl-retro", "eval-ppl-retro-encoder-off"]
     assert ppl[0].inputs["neighbours"] == "neighbours-valid"
     assert "neighbours" not in ppl[1].inputs
+
+
+def test_rag_eval_spec_plans_closed_book_once_for_both_retrievers():
+    from pathlib import Path
+
+    from retro.platform.api import validate
+
+    loaded, plan = validate(Path(__file__).resolve().parents[2] / "specs/rag-eval-smollm2.yaml")
+    by_name = {}
+    for s in plan.stages:
+        by_name.setdefault(s.name, []).append(s)
+    closed = by_name["eval-qa-ctx-off"]
+    assert len(closed) == 1 and closed[0].variants == ["dense", "bm25"]
+    assert "contexts" not in closed[0].inputs
+    assert [sorted(s.variants) for s in by_name["eval-qa"]] == [["dense"], ["bm25"]]
+    assert all(s.inputs["contexts"].startswith("qa-retrieve@") for s in by_name["eval-qa"])
+    assert len(by_name["import-gguf"]) == 1 and "embed" in by_name and "bm25-index" in by_name
