@@ -51,3 +51,34 @@ def test_report_unknown_run_is_a_user_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "retro.cli.main", "report", "nope",
                            "--runs", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no run 'nope'" in proc.stderr
+
+
+def test_ppl_and_qa_plots_from_eval_stage_summaries(tmp_path):
+    from retro.platform.report import Report, StageInfo, _metric_table
+    from retro.platform.report_plots import make_plots
+
+    stages = [
+        StageInfo("eval-ppl-retro@1", "eval-ppl-retro", "eval-ppl", "1", ["a", "b"], "done",
+                  {"ppl": 21.5, "bpb": 1.1}),
+        StageInfo("eval-ppl-gpt@2", "eval-ppl-gpt", "eval-ppl", "2", ["a", "b"], "done",
+                  {"ppl": 24.0, "bpb": 1.2}),
+        StageInfo("eval-qa@3", "eval-qa", "eval-qa", "3", ["a"], "done",
+                  {"nq_open/em": 12.0, "nq_open/f1": 20.0, "triviaqa_open/em": 30.0}),
+        StageInfo("eval-qa@4", "eval-qa", "eval-qa", "4", ["b"], "done",
+                  {"nq_open/em": 15.0, "nq_open/f1": 22.0, "triviaqa_open/em": 31.0}),
+        StageInfo("retro-fit@5", "retro-fit", "retro-fit", "5", ["a", "b"], "done", {},
+                  {"loss": [(0, 5.0), (10, 4.0), (20, 3.5)], "lr": [(0, 1e-3), (20, 1e-4)]}),
+    ]
+    plan_variants = {"a": {"eval-ppl-retro": "eval-ppl-retro@1", "eval-ppl-gpt": "eval-ppl-gpt@2",
+                           "eval-qa": "eval-qa@3", "retro-fit": "retro-fit@5"},
+                     "b": {"eval-ppl-retro": "eval-ppl-retro@1", "eval-ppl-gpt": "eval-ppl-gpt@2",
+                           "eval-qa": "eval-qa@4", "retro-fit": "retro-fit@5"}}
+    metrics, evals = _metric_table(stages, plan_variants)
+    assert metrics["eval-qa/nq_open/em"] == {"a": 12.0, "b": 15.0}
+    assert evals[:2] == ["eval-ppl-retro/ppl", "eval-ppl-retro/bpb"]
+    rep = Report("r", tmp_path, "done", "s", "", ["a", "b"], stages, metrics, evals, [])
+    plots = make_plots(rep, tmp_path)
+    assert sorted(p.name for p in plots) == ["curves.png", "metrics.png", "ppl.png", "qa.png"]
+    for p in plots:
+        img = mpimg.imread(p)
+        assert p.stat().st_size > 10_000 and img[..., :3].std() > 0.05
