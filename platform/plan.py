@@ -102,7 +102,8 @@ def _plan_variant(variant: Variant, nodes: dict[str, PlannedStage]) -> dict[str,
     keys: dict[str, str] = {}
     for call in _toposort(calls):
         entry = registry.get("stage", call.stage)
-        params = {name: _lookup(dumped, path, call) for name, path in call.reads.items()}
+        params = {name: _without(_lookup(dumped, path, call), call.omit.get(name, ()))
+                  for name, path in call.reads.items()}
         params.update(call.consts)
         input_keys = {slot: keys[src] for slot, src in call.inputs.items()}
         key = content_key(call.stage, entry.version, params, input_keys)
@@ -128,6 +129,12 @@ def _lookup(data: Any, path: str, call: StageCall) -> Any:
         else:
             raise KeyError(f"stage {call.name!r} reads spec path {path!r}, which does not exist")
     return node
+
+
+def _without(value: Any, keys: tuple[str, ...]) -> Any:
+    if not keys or not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if k not in keys}
 
 
 def _toposort(calls: list[StageCall]) -> list[StageCall]:

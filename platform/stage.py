@@ -41,6 +41,9 @@ class StageCall:
         inputs: input slot -> name of another call of the same variant.
         distributed: the stage spreads its own work (shards or Ray Train workers), so its
             launching task reserves no CPU itself.
+        omit: param name -> keys dropped from that (mapping) value before the stage sees it,
+            e.g. `{"model": ["freeze"]}` for a stage the freeze policy cannot affect: the
+            dropped fields neither reach the stage nor enter its key.
     """
 
     name: str
@@ -49,6 +52,7 @@ class StageCall:
     consts: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     distributed: bool = False
+    omit: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Tracker(Protocol):

@@ -127,3 +127,31 @@ def test_rerun_recomputes_only_the_named_stage(tmp_path, ray_session):
 
     with pytest.raises(UserError, match="did you mean 'scale'"):
         api.run(spec, rerun=["scael"])
+
+
+def test_omitted_fields_neither_reach_the_stage_nor_its_key(tmp_path):
+    from retro.platform.plan import build_plan
+    from retro.platform.spec import load_spec
+    from retro.platform.stage import StageCall
+
+    import retro_toy
+
+    original = retro_toy.ToyRecipe.stages
+
+    def stages(self, spec):
+        calls = original(self, spec)
+        calls[0] = StageCall("source", "toy-source", reads={"n": "recipe.n", "all": "recipe"},
+                             omit={"all": ("offset",)})
+        return calls
+
+    retro_toy.ToyRecipe.stages = stages
+    try:
+        plans = [build_plan(load_spec(toy_spec(tmp_path, f"s{o}",
+                                               recipe={"type": "toy", "offset": o})))
+                 for o in (0, 5)]
+    finally:
+        retro_toy.ToyRecipe.stages = original
+    sources = [p.stages[0] for p in plans]
+    assert "offset" not in sources[0].params["all"] and "factor" in sources[0].params["all"]
+    assert sources[0].key == sources[1].key
+    assert plans[0].stages[-1].key != plans[1].stages[-1].key
