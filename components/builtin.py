@@ -35,6 +35,7 @@ MODULES = [
     "retro.components.evaluators.recipe",
     "retro.components.models.retro.component",
     "retro.components.models.retro.checkpoints",
+    "retro.components.recipes.instructretro",
 ]
 
 
