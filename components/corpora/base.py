@@ -163,7 +163,8 @@ class BaseCorpus:
                 remaining -= n
             sources = sources[:len(counts)]
         else:
-            results = (parallel_map or _serial_map)(self._count, sources)
+            results = (parallel_map or _serial_map)(count_documents,
+                                                    [(self, s) for s in sources])
             for n, s in results:
                 counts.append(n)
                 stats.add(s)
@@ -178,11 +179,6 @@ class BaseCorpus:
 
     def describe(self) -> str:
         return type(self).__name__
-
-    def _count(self, source: Any) -> tuple[int, ReadStats]:
-        stats = ReadStats()
-        n = sum(1 for _ in self.read(source, stats))
-        return n, stats
 
     def _apply_limits(self, counts: list[int]) -> list[int]:
         keep = sum(counts)
@@ -200,6 +196,14 @@ class BaseCorpus:
         if self.config.prepend_title and doc.title:
             return Document(doc.doc_id, doc.title, f"{doc.title}\n{doc.text}")
         return doc
+
+
+def count_documents(job: tuple[BaseCorpus, Any]) -> tuple[int, ReadStats]:
+    """Documents in one source (a module-level function, so it can run as a Ray task)."""
+    corpus, source = job
+    stats = ReadStats()
+    n = sum(1 for _ in corpus.read(source, stats))
+    return n, stats
 
 
 def _serial_map(fn: Callable, items: Iterable) -> list:

@@ -91,9 +91,8 @@ class FaissIndex:
         try:
             faiss.index_factory(dim, probe, self.metric)
         except RuntimeError as e:
-            msg = str(e).strip().splitlines()[-1]
             raise UserError(f"retriever.index.factory {self.config.factory!r} is invalid for "
-                            f"{dim}-d embeddings: {msg}; hint: see the faiss wiki page "
+                            f"{dim}-d embeddings: {faiss_message(e)}; hint: see the faiss wiki page "
                             "'The index factory' (e.g. PQm needs dim divisible by m)") from None
 
     def build(self, dim: int):
@@ -132,6 +131,12 @@ class FaissIndex:
             index = faiss.read_index(str(path))
         self.apply_query_params(index)
         return index
+
+
+def faiss_message(e: Exception) -> str:
+    """faiss' own message without its C++ location prefix."""
+    msg = str(e).strip().splitlines()[-1]
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", msg)
 
 
 def _is_hnsw(index: Any) -> bool:
@@ -186,7 +191,7 @@ def train_index(ctx: Any) -> dict:
             index.train(x)
         except RuntimeError as e:
             raise UserError(f"training {spec.config.factory!r} on {n_train} vectors failed: "
-                            f"{str(e).strip().splitlines()[-1]}; hint: IVFk needs at least k "
+                            f"{faiss_message(e)}; hint: IVFk needs at least k "
                             "training vectors and PQ/OPQ at least 256: raise train_fraction or "
                             "train_size, or use a smaller index") from None
     faiss.write_index(index, str(ctx.out_dir / TRAINED))

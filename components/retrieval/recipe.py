@@ -8,7 +8,7 @@ BM25:   tokenizer -> tokenize -> chunk-db -> sequences-{train,valid} -> bm25-ind
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from pydantic import Field
 
@@ -106,6 +106,8 @@ class RetroDBRecipe:
     class Config(StrictModel):
         seq_length: int = Field(2048, ge=1)
         """Training sequence length in tokens (RETRO 2048, InstructRetro 4096)."""
+        splits: list[Literal["train", "valid", "heldout"]] = ["train", "valid"]
+        """Splits that get training sequences and neighbours ([] builds only the DB/index)."""
 
     def __init__(self, config: Any):
         self.config = config
@@ -114,4 +116,4 @@ class RetroDBRecipe:
         return db_spec_issues(spec)
 
     def stages(self, spec: Any) -> list[StageCall]:
-        return db_stage_calls(spec)
+        return db_stage_calls(spec, splits=self.config.splits)

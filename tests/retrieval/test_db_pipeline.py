@@ -178,11 +178,12 @@ def test_rerun_is_cached_and_min_recall_stops_the_run(dense, shared_data):
 
 def test_bm25_retriever_with_a_trained_bpe_and_skipped_records(ray_session, tmp_path,
                                                                shared_data):
-    records = wiki_records(shared_data, 4)
-    path = write_jsonl(tmp_path / "c.jsonl", records[:60] + [b"\xff\xfe broken"]
-                       + [{"doc_id": "x", "text": ""}] + records[60:])
+    records = wiki_records(shared_data, 4)  # two files: the scan counts them in parallel
+    write_jsonl(tmp_path / "c1.jsonl", records[:90] + [b"\xff\xfe broken"])
+    write_jsonl(tmp_path / "c2.jsonl", [{"doc_id": "x", "text": ""}] + records[90:])
     sections = {"recipe": {"type": "retro-db", "seq_length": 128},
-                "corpus": {"type": "jsonl", "paths": [str(path)], "on_bad_record": "skip",
+                "corpus": {"type": "jsonl", "paths": [str(tmp_path / "c*.jsonl")],
+                           "on_bad_record": "skip",
                            "on_empty": "skip"},
                 "tokenizer": {"type": "train-bpe", "vocab_size": 1000},
                 "retriever": {"type": "bm25", "split": {"valid": 0.25, "heldout": 0},
