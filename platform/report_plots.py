@@ -63,12 +63,29 @@ def _ppl(report: Any, out_dir: Path) -> Path | None:
 
 
 def _qa(report: Any, out_dir: Path) -> Path | None:
+    """One panel per dataset; per (variant, eval-qa stage) an EM bar and an F1 bar."""
     stages = [s for s in report.stages if s.stage == "eval-qa"]
-    keys = sorted({k for s in stages for k in s.summary
-                   if k.endswith(("/em", "/f1")) and "/" in k})
-    if not keys:
+    datasets = sorted({k.rsplit("/", 1)[0] for s in stages for k in s.summary
+                       if k.endswith(("/em", "/f1"))})
+    if not datasets:
         return None
-    return _grouped_bars(report, stages, keys, out_dir / "qa.png", "zero-shot QA")
+    fig, axes = _grid(min(len(datasets), MAX_PANELS), width=max(4.0, 0.9 * len(stages) + 2))
+    for ax, ds in zip(axes, datasets):
+        rows = [s for s in stages if f"{ds}/em" in s.summary or f"{ds}/f1" in s.summary]
+        for j, metric in enumerate(("em", "f1")):
+            values = [float(s.summary.get(f"{ds}/{metric}", float("nan"))) for s in rows]
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(rows))]
+            ax.bar(xs, values, width=0.38, label=metric.upper(), color=f"C{j}")
+            for x, v in zip(xs, values):
+                ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(rows)), [_label(s, report) for s in rows], rotation=30,
+                      ha="right", fontsize=7)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{ds} (%)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report.run}: zero-shot QA")
+    return _save(fig, out_dir / "qa.png")
 
 
 def _grouped_bars(report: Any, stages: list[Any], keys: list[str], path: Path,
@@ -83,6 +100,7 @@ def _grouped_bars(report: Any, stages: list[Any], keys: list[str], path: Path,
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
         ax.set_title(key)
+        ax.set_ylim(bottom=min(0.0, *values) if values else 0.0)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{report.run}: {title}")
     return _save(fig, path)
