@@ -84,10 +84,9 @@ def build_plan(loaded: LoadedSpec, store: ArtifactStore | None = None,
         for node in ordered:
             node.cached = store.exists(node.stage, node.key)
     if with_info:
+        specs = {v.name: v.spec for v in loaded.variants}
         for node in ordered:
-            estimate = getattr(registry.get("stage", node.stage).obj, "estimate", None)
-            if estimate is not None:
-                node.info = estimate(node.params)
+            node.info = _estimate(node, specs[node.variants[0]])
     missing = [(p, v) for variant in loaded.variants for p, v in data_paths(variant.spec)
                if not path_exists(v)]
     return Plan(ordered, variants, sorted(set(missing)))
@@ -129,6 +128,19 @@ def _lookup(data: Any, path: str, call: StageCall) -> Any:
         else:
             raise KeyError(f"stage {call.name!r} reads spec path {path!r}, which does not exist")
     return node
+
+
+def _estimate(node: PlannedStage, spec: Any) -> dict[str, Any]:
+    """`retro plan`'s info column: the stage's own estimate, then its recipe's (which sees the
+    whole spec, e.g. to count parameters and cost a training stage)."""
+    info: dict[str, Any] = {}
+    estimate = getattr(registry.get("stage", node.stage).obj, "estimate", None)
+    if estimate is not None:
+        info.update(estimate(node.params))
+    recipe = registry.get("recipe", spec.recipe.type).obj(spec.recipe)
+    if hasattr(recipe, "estimate"):
+        info.update(recipe.estimate(spec, node.name, node.params) or {})
+    return info
 
 
 def _without(value: Any, keys: tuple[str, ...]) -> Any:

@@ -45,3 +45,22 @@ def human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+# InstructRetro Table 5: A100 GPU-hours of continued pretraining on 100B tokens (REFERENCE §3).
+PAPER_FIT_GPU_HOURS = {
+    "instructretro-823m": (1_920, 1_408), "instructretro-2.25b": (4_096, 3_226),
+    "instructretro-8.5b": (17_325, 12_698), "instructretro-22b": (52_152, 37_888),
+    "instructretro-43b": (69_995, 53_329),
+}
+"""preset -> (Retro-fitting, GPT-fitting) GPU-hours reported by the paper."""
+
+
+def paper_fit_hours(preset: str | None, retro: bool) -> str | None:
+    """The paper's measured GPU-hours for this preset's 100B-token fit, as text, if known."""
+    from retro.components.models.retro.presets import ALIASES
+
+    hours = PAPER_FIT_GPU_HOURS.get(ALIASES.get(preset or "", preset or ""))
+    if hours is None:
+        return None
+    return f"{hours[0 if retro else 1]:,} A100 GPU-h (InstructRetro Table 5, 100B tokens)"

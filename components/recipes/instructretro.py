@@ -14,7 +14,9 @@ retrieval DB, the GPT and everything before retro-fit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+from pydantic import Field
 
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
@@ -35,6 +37,9 @@ class InstructRetroRecipe:
         """Also score Retro-fit with the encoder bypassed (gate 0)."""
         qa_ablations: bool = True
         """QA with the encoder off and with passages off too (InstructRetro's ablations)."""
+        train_neighbours: Optional[int] = Field(None, ge=1)
+        """Neighbours per chunk fed to retro-fit, the first of the `retriever.neighbours.k`
+        saved (Megatron: 2 of 20); None: all saved."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -96,7 +101,8 @@ class InstructRetroRecipe:
         data = {"sequences": "sequences-train", "valid_sequences": "sequences-valid",
                 "tokenizer": "tokenizer", **init}
         calls = [StageCall(
-            "retro-fit", "retro-fit", reads={"model": "model", "pretrain": "pretrain"},
+            "retro-fit", "retro-fit", reads={"model": "model", "pretrain": "pretrain",
+                                             "num_neighbours": "recipe.train_neighbours"},
             omit={"pretrain": ("gpt",)},
             inputs={**data, "neighbours": "neighbours-train",
                     "valid_neighbours": "neighbours-valid", "chunk_db": "chunk-db",
@@ -141,3 +147,76 @@ class InstructRetroRecipe:
                         retro_model=False,
                         ablations=[{}, {"retrieval_context": False}] if more else [{}])
         return calls
+
+
+# ------------------------------------------------------------------------------ plan info
+TRAINING = {"gpt-pretrain": ("gpt", "pretrain"), "retro-fit": ("fit", "retrofit"),
+            "gpt-fit": ("fit", "retrofit")}
+
+
+def estimate_training(spec: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters (counted on the meta device), tokens and FLOPs-based GPU-hours of a training
+    stage, for `retro plan`. Empty for other stages."""
+    if name not in TRAINING:
+        return {}
+    from retro.components.models.retro.build import estimate as model_estimate
+    from retro.components.recipes.cost import (CostAssumption, gpu_hours, human,
+                                               paper_fit_hours, training_flops)
+    from retro.components.training.stages import preset_defaults
+
+    from retro.platform.errors import UserError
+
+    schedule, phase = TRAINING[name]
+    node = spec.model.model_copy(update={"retro": name == "retro-fit"})
+    if node.preset is not None:  # the preset fixes the dims: no need to open the checkpoint
+        node = node.model_copy(update={"init": None, "init_gguf": None})
+    chunk = spec.retriever.chunk_length
+    try:
+        info = model_estimate(node, _vocab_size(spec), chunk)
+        counts = _counts(node, _vocab_size(spec), chunk)
+    except UserError as e:  # dims come from a checkpoint that is not here
+        return {"params": f"unknown ({str(e).split(';')[0]})"}
+    tokens = _tokens(spec.pretrain, schedule,
+                     preset_defaults(node.model_dump(mode="json"), phase))
+    if not tokens:
+        return info
+    k = (spec.recipe.train_neighbours or spec.retriever.neighbours.k) if name == "retro-fit" \
+        else 0
+    flops = training_flops(counts["total"] - counts["encoder"], tokens, counts["encoder"],
+                           k, 2 * chunk, chunk)
+    assumption = CostAssumption()
+    info = {**info, "tokens": human(tokens),
+            "gpu_hours": f"{gpu_hours(flops, assumption):,.0f} ({assumption.text()})"}
+    paper = paper_fit_hours(spec.model.preset, name == "retro-fit") if phase == "retrofit" \
+        else None
+    return {**info, "paper": paper} if paper else info
+
+
+def _counts(node: dict[str, Any], vocab: int | None, chunk: int) -> dict[str, int]:
+    from retro.components.models.retro.build import count_parameters
+
+    return count_parameters(node, vocab, chunk)
+
+
+def _vocab_size(spec: Any) -> int | None:
+    """The decoder vocabulary: a trained BPE's size, GPT-2's, or None (the preset's own)."""
+    kind = spec.tokenizer.type if spec.tokenizer is not None else None
+    if kind == "train-bpe":
+        return spec.tokenizer.vocab_size
+    if kind == "gpt2-files":
+        return 50257
+    return None
+
+
+def _tokens(pretrain: Any, which: str, preset: dict[str, Any]) -> int:
+    """Tokens a schedule processes: `tokens`, or steps x global batch x sequence length."""
+    sched = getattr(pretrain, which).model_dump()
+    merged = {**preset, **{k: v for k, v in sched.items() if v is not None}}
+    if merged.get("tokens"):
+        return int(merged["tokens"])
+    if merged.get("steps") and merged.get("global_batch"):
+        return int(merged["steps"]) * int(merged["global_batch"]) * pretrain.seq_length
+    return 0
+
+
+InstructRetroRecipe.estimate = staticmethod(estimate_training)
