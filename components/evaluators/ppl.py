@@ -83,13 +83,18 @@ def eval_ppl_calls(eval_path: str, model_call: str, *, split: str = "valid", suf
                       for k, v in overrides.items())
         inputs = {"model": model_call, "sequences": f"sequences-{split}",
                   "tokenizer": "tokenizer"}
-        if overrides.get("retrieval_context", False) or (retro_model and
-                                                         overrides.get("encoder", True)):
+        in_context = overrides.get("retrieval_context", False)
+        if in_context or (retro_model and overrides.get("encoder", True)):
             inputs |= {"neighbours": f"neighbours-{split}", "chunk_db": "chunk-db",
                        "tokens": "tokenize"}
+        # fields that cannot change this call's output stay out of its key (`retrieval_context`
+        # itself stays unless overridden: the node may turn it on)
+        omit = tuple(overrides) + (() if "neighbours" in inputs else ("neighbours",))
+        if "retrieval_context" in overrides and not in_context:
+            omit += ("context_neighbours", "context_window")
         calls.append(StageCall(f"eval-ppl{'-' + suffix if suffix else ''}{tag}", "eval-ppl",
                                reads={"evaluator": eval_path}, consts=dict(overrides),
-                               inputs=inputs))
+                               omit={"evaluator": omit}, inputs=inputs))
     return calls
 
 

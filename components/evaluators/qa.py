@@ -129,9 +129,12 @@ def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None 
             inputs["tokenizer"] = tokenizer_call
         if contexts_call and needs:
             inputs["contexts"] = contexts_call
+        # fields that cannot change this call's output stay out of its key
+        omit = tuple(overrides) + (() if "contexts" in inputs else
+                                   ("retrieve_k", "passages", "encoder_neighbours"))
         calls.append(StageCall(f"eval-qa{'-' + suffix if suffix else ''}{tag}", "eval-qa",
                                reads={"evaluator": eval_path}, consts=dict(overrides),
-                               inputs=inputs))
+                               omit={"evaluator": omit}, inputs=inputs))
     return calls
 
 

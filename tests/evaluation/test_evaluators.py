@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,8 +158,6 @@ def test_call_helpers_wire_slots_and_share_closed_book(tmp_path, shared_data):
 
 
 def test_rag_eval_spec_plans_closed_book_once_for_both_retrievers():
-    from pathlib import Path
-
     from retro.platform.api import validate
 
     loaded, plan = validate(Path(__file__).resolve().parents[2] / "specs/rag-eval-smollm2.yaml")
@@ -171,3 +170,23 @@ def test_rag_eval_spec_plans_closed_book_once_for_both_retrievers():
     assert [sorted(s.variants) for s in by_name["eval-qa"]] == [["dense"], ["bm25"]]
     assert all(s.inputs["contexts"].startswith("qa-retrieve@") for s in by_name["eval-qa"])
     assert len(by_name["import-gguf"]) == 1 and "embed" in by_name and "bm25-index" in by_name
+
+
+def test_keys_ignore_fields_a_call_cannot_use(tmp_path):
+    from retro.platform.plan import build_plan
+    from retro.platform.spec import load_spec
+
+    spec = tmp_path / "rag.yaml"
+    spec.write_text((Path(__file__).resolve().parents[2] / "specs/rag-eval-smollm2.yaml")
+                    .read_text())
+
+    def keys(*overrides):
+        plan = build_plan(load_spec(spec, overrides))
+        return {(s.name, tuple(s.variants)): s.key for s in plan.stages}
+
+    base = keys()
+    more = keys("eval.0.passages=3", "eval.0.retrieve_k=10")
+    closed = ("eval-qa-ctx-off", ("dense", "bm25"))
+    assert more[closed] == base[closed]                        # closed-book: no passages
+    assert more[("eval-qa", ("dense",))] != base[("eval-qa", ("dense",))]
+    assert keys("eval.0.retrieval_context=false")[closed] == base[closed]  # overridden by const
