@@ -71,9 +71,14 @@ def neighbours(ctx: Any) -> dict:
     write_meta(ctx.out_dir, split=seqs.split, k=k, chunk_length=m, chunks_per_seq=cps,
                n_seq=len(seqs))
     queries = len(seqs) * cps
+    padded = sum(s["padded"] for s in stats) / max(queries * k, 1)
+    if padded > 0.1:
+        ctx.log.warning("%.0f%% of neighbour slots are -1: most of the %d candidates came from "
+                        "the sequence's own documents; raise retriever.neighbours.candidates",
+                        100 * padded, ctx.params["neighbours"]["candidates"])
     return {"n_seq": len(seqs), "queries": queries,
             "excluded_same_doc": sum(s["excluded"] for s in stats) / max(queries, 1),
-            "padded_fraction": sum(s["padded"] for s in stats) / max(queries * k, 1)}
+            "padded_fraction": padded}
 
 
 def _neighbour_shard(job: dict) -> dict:
