@@ -151,7 +151,10 @@ class MetricsTail:
                 if not line.endswith(b"\n"):  # partial line: read it next time
                     break
                 self.offset += len(line)
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:   # a writer killed mid-line; the rest is fine
+                    continue
                 ident = (row.get("kind"), row.get("step"))
                 if ident in self.seen:
                     continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,8 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     with runtime.latest_checkpoint() as ckpt:
         if ckpt is not None:
             model_sd, optim_sd, state = read_checkpoint(ckpt)
-            model.load_state_dict(model_sd, strict=False)
             _check_loaded(model, model_sd, ckpt)
+            model.load_state_dict(model_sd, strict=False)
             start, last_metrics = int(state["step"]), state.get("metrics", {})
         else:
             optim_sd = None
@@ -196,9 +197,9 @@ def _wrap(model: Any, fsdp: bool, world: int, device: Any) -> Any:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for module in _blocks(model):
+        for module in _shard_units(model):
             fully_shard(module)
-        fully_shard(model)
+        fully_shard(model)      # the root holds the rest: embeddings, head, encoder, CCA
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -206,13 +207,18 @@ def _wrap(model: Any, fsdp: bool, world: int, device: Any) -> Any:
     return DDP(model, device_ids=ids)
 
 
-def _blocks(model: Any) -> list:
-    """Transformer blocks to shard one by one: the children of the first ModuleList found."""
+def _shard_units(model: Any) -> list:
+    """FSDP units: the sub-modules of each decoder block (the first ModuleList found).
+
+    Retro runs a block's attention, norms and MLP one by one rather than the block's own
+    forward, so the units are those children, each entered through its forward (where FSDP2
+    gathers its parameters); a whole block would never be."""
     import torch
 
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            return list(module)
+            return [child for block in module for child in block.children()
+                    if any(True for _ in child.parameters())]
     return []
 
 
@@ -353,5 +359,9 @@ class _MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps({**row, "time": time.time()}, default=float) + "\n")
+        line = json.dumps({**row, "time": time.time()}, default=float) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())   # one append: a killed writer leaves no half line
+        finally:
+            os.close(fd)
