@@ -17,6 +17,7 @@ the question's top `encoder_neighbours` passages as the neighbours of every chun
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -200,7 +201,8 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
     Inputs: `model` (Retro checkpoint or HF model folder), optional `tokenizer` (a folder with
     tokenizer.json, when the model has none), `contexts` (qa-retrieve output; required when
     `retrieval_context` is on).
-    Writes: predictions/<dataset>.jsonl and scores.json.
+    Writes: predictions/<dataset>.jsonl and scores.json. Predictions go to the work dir as they
+    are made, so an interrupted run resumes at the next question.
     """
     from retro.components.evaluators.lm import load_eval_lm
 
@@ -216,19 +218,23 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
                       threads=max(1, int(ctx.resources.cpus_per_worker)))
     if not cfg.encoder:
         lm.set_gate(0.0)
-    out = ctx.out_dir / "predictions"
-    out.mkdir()
+    work = ctx.work_dir / "predictions"  # written as we go: a re-run resumes from here
+    work.mkdir(exist_ok=True)
     summary: dict[str, Any] = {}
     step = 0
     for name in cfg.datasets:
         rows = _examples(ctx, cfg, name)
-        scores = []
+        scores = _done(work / f"{name}.jsonl", len(rows))
+        if scores:
+            ctx.log.info("%s: resuming after %d answered questions", name, len(scores))
         with ctx.progress(len(rows), f"{ctx.name} {name}") as bar, \
-                open(out / f"{name}.jsonl", "w") as fh:
-            for row in rows:
-                pred = answer_one(lm, cfg, name, row)
+                open(work / f"{name}.jsonl", "a") as fh:
+            bar.update(len(scores))
+            for row in rows[len(scores):]:
+                pred = answer_one(lm, cfg, row)
                 scores.append(pred)
                 fh.write(json.dumps(pred) + "\n")
+                fh.flush()
                 bar.update(1)
                 if len(scores) % 25 == 0 or len(scores) == len(rows):
                     ctx.log_metrics(step=step, **{f"{name}/em_running":
@@ -240,6 +246,7 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
         if cfg.retrieval_context:
             summary[f"{name}/answer_in_prompt"] = 100 * mean(s["answer_in_prompt"]
                                                              for s in scores)
+    shutil.copytree(work, ctx.out_dir / "predictions")
     (ctx.out_dir / "scores.json").write_text(json.dumps(
         {"settings": cfg.model_dump(mode="json"), "model_is_retro": lm.is_retro,
          "scores": summary}, indent=2))
@@ -255,8 +262,22 @@ def _examples(ctx: StageContext, cfg: QAEvaluator.Config, name: str) -> list[dic
             for e in load_questions(cfg.data_dir, name, cfg.limit, cfg.answer_in_corpus)]
 
 
-def answer_one(lm: Any, cfg: QAEvaluator.Config, dataset: str, row: dict[str, Any]
-               ) -> dict[str, Any]:
+def _done(path: Path, n: int) -> list[dict[str, Any]]:
+    """Predictions a previous attempt wrote (whole lines only), at most n."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a line cut by the crash: redo from there
+    rows = rows[:n]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def answer_one(lm: Any, cfg: QAEvaluator.Config, row: dict[str, Any]) -> dict[str, Any]:
     """Prompt, generate and score one question; returns the prediction record."""
     from retro.components.evaluators.lm import greedy_generate
     from retro.components.evaluators.prompts import (STOP_SEQUENCES, build_prompt,

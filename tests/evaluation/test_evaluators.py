@@ -190,3 +190,19 @@ def test_keys_ignore_fields_a_call_cannot_use(tmp_path):
     assert more[closed] == base[closed]                        # closed-book: no passages
     assert more[("eval-qa", ("dense",))] != base[("eval-qa", ("dense",))]
     assert keys("eval.0.retrieval_context=false")[closed] == base[closed]  # overridden by const
+
+
+def test_eval_qa_resumes_after_the_last_saved_prediction(tmp_path, db, models, shared_data):
+    qa = {"type": "qa", "data_dir": str(shared_data), "limit": 3, "max_new_tokens": 2,
+          "retrieval_context": False}
+    ctx = stage_ctx(tmp_path, "resume", {"evaluator": qa},
+                    {"model": models["retro"], "tokenizer": db["tokenizer"]})
+    saved = {"id": "nq-test-00000", "prediction": "December 1972", "em": 1.0, "f1": 1.0}
+    (ctx.work_dir / "predictions").mkdir()
+    (ctx.work_dir / "predictions" / "nq_open.jsonl").write_text(
+        json.dumps(saved) + "\n" + '{"id": "nq-test-0000')          # second line cut by a crash
+    summary = eval_qa(ctx)
+    preds = read_predictions(ctx.out_dir, "nq_open")
+    assert preds[0] == saved and len(preds) == 3
+    assert [p["id"] for p in preds[1:]] == ["nq-test-00002", "nq-test-00003"]
+    assert summary["nq_open/em"] >= 100 / 3 - 1e-9   # the saved exact match counts
