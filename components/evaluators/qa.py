@@ -42,7 +42,7 @@ class QAEvaluator:
     class Config(StrictModel):
         datasets: list[DatasetName] = ["nq_open"]
         """Datasets under `data_dir`: nq_open, triviaqa_open, squad_v2 (answerable questions),
-        webquestions."""
+        webquestions, nq_open_oracle (NQ-open test questions with a gold passage)."""
         data_dir: DataPath
         """Folder holding the dataset folders (e.g. `${env:RETRO_DATA,../shared/data}`)."""
         limit: Optional[int] = Field(200, ge=1)
@@ -70,6 +70,12 @@ class QAEvaluator:
         """Prompt + answer budget; the passages are cut to fit."""
         stop_at_newline: bool = True
         """End an answer at its first newline (short-span answers)."""
+        replug: bool = False
+        """REPLUG / RA-DIT inference: each of the top `passages` passages goes alone before the
+        question ("Background: ..."), and greedy decoding follows the answers' mixture weighted
+        by the retriever's renormalised scores (components/radit/replug.py); plain decoders."""
+        replug_temperature: float = Field(0.1, gt=0)
+        """REPLUG: softmax temperature over the passages' retriever scores."""
 
         @model_validator(mode="after")
         def _k(self) -> "QAEvaluator.Config":
@@ -83,12 +89,15 @@ class QAEvaluator:
         self.config = config
 
 
-def qa_retrieve_call(spec: Any, eval_path: str, name: str = "qa-retrieve") -> StageCall:
+def qa_retrieve_call(spec: Any, eval_path: str, name: str = "qa-retrieve",
+                     query_encoder_call: str | None = None) -> StageCall:
     """The `qa-retrieve` call for the qa evaluator at `eval_path` (e.g. `eval.1`).
 
     Uses the spec's `retriever` and the retrieval DB calls of
     `retro.components.retrieval.api.db_stage_calls` (tokenizer, tokenize, chunk-db, fill-index
     or bm25-index), which the recipe must include. One call serves every model.
+    `query_encoder_call` (dense only): a call whose artifact holds a fine-tuned query encoder
+    (RA-DIT's `lsr`), used for the questions instead of the embedder.
     """
     from retro.components.retrieval.api import retriever_inputs
 
@@ -97,7 +106,10 @@ def qa_retrieve_call(spec: Any, eval_path: str, name: str = "qa-retrieve") -> St
         reads["stopwords"] = "retriever.stopwords"
     else:
         reads |= {"embedder": "retriever.embedder", "index": "retriever.index"}
-    return StageCall(name, "qa-retrieve", reads=reads, inputs=retriever_inputs(spec))
+    inputs = retriever_inputs(spec)
+    if query_encoder_call:
+        inputs["query_encoder"] = query_encoder_call
+    return StageCall(name, "qa-retrieve", reads=reads, inputs=inputs)
 
 
 def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None = "qa-retrieve",
@@ -132,7 +144,8 @@ def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None 
             inputs["contexts"] = contexts_call
         # fields that cannot change this call's output stay out of its key
         omit = tuple(overrides) + (() if "contexts" in inputs else
-                                   ("retrieve_k", "passages", "encoder_neighbours"))
+                                   ("retrieve_k", "passages", "encoder_neighbours", "replug",
+                                    "replug_temperature"))
         calls.append(StageCall(f"eval-qa{'-' + suffix if suffix else ''}{tag}", "eval-qa",
                                reads={"evaluator": eval_path}, consts=dict(overrides),
                                omit={"evaluator": omit}, inputs=inputs))
@@ -165,7 +178,7 @@ def qa_retrieve(ctx: StageContext) -> dict[str, Any]:
     p = ctx.params
     node = {"type": p["retriever_type"],
             **{k: p[k] for k in ("embedder", "index", "stopwords") if k in p}}
-    retriever = Retriever.from_artifacts(node, ctx.inputs)
+    retriever = Retriever.from_artifacts(node, ctx.inputs, query_encoder=_query_encoder(ctx))
     out = ctx.out_dir / "contexts"
     out.mkdir()
     summary: dict[str, Any] = {}
@@ -189,6 +202,18 @@ def qa_retrieve(ctx: StageContext) -> dict[str, Any]:
         ctx.log.info("%s: %d questions retrieved in %.1fs; recall %s", name, len(examples),
                      time.time() - t0, {k: round(summary[f'{name}/recall@{k}'], 1) for k in ks})
     return summary
+
+
+def _query_encoder(ctx: StageContext) -> Any:
+    """RA-DIT: the optional `query_encoder` input (an HF encoder folder, e.g. an `lsr` artifact)
+    embeds the questions with the spec's pooling; the DB embeddings and index stay as built."""
+    if "query_encoder" not in ctx.inputs:
+        return None
+    from retro.components.evaluators.lm import find_model_dir
+    from retro.components.retrieval.common import build_component
+
+    folder = find_model_dir(ctx.inputs["query_encoder"].path)
+    return build_component("embedder", {**ctx.params["embedder"], "model": str(folder)}).embed
 
 
 # ------------------------------------------------------------------------------ eval-qa
@@ -218,6 +243,9 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
                       threads=max(1, int(ctx.resources.cpus_per_worker)))
     if not cfg.encoder:
         lm.set_gate(0.0)
+    answer = answer_one
+    if cfg.replug and cfg.retrieval_context:   # RA-DIT's parallel in-context passages
+        from retro.components.radit.replug import answer_replug as answer
     work = ctx.work_dir / "predictions"  # written as we go: a re-run resumes from here
     work.mkdir(exist_ok=True)
     summary: dict[str, Any] = {}
@@ -231,7 +259,7 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
                 open(work / f"{name}.jsonl", "a") as fh:
             bar.update(len(scores))
             for row in rows[len(scores):]:
-                pred = answer_one(lm, cfg, row)
+                pred = answer(lm, cfg, row)
                 scores.append(pred)
                 fh.write(json.dumps(pred) + "\n")
                 fh.flush()
