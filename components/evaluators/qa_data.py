@@ -4,6 +4,8 @@
     triviaqa_open  triviaqa_open/triviaqa_test.jsonl.gz   TriviaQA unfiltered (DPR "test")
     squad_v2       squad_v2_cs224n/questions.jsonl.gz     SQuAD 2.0 dev, answerable part only
     webquestions   webquestions/webquestions_test.jsonl.gz
+    nq_open_oracle nq_open_oracle/questions.jsonl.gz      NQ-open test questions whose gold
+                                                          passage is in its gold_passages
 
 Questions are taken in file order (the files are fixed deterministic subsets), so `limit: 200`
 always means the same 200 questions.
@@ -19,18 +21,19 @@ from typing import Literal
 
 from retro.platform.errors import InputDataError
 
-DatasetName = Literal["nq_open", "triviaqa_open", "squad_v2", "webquestions"]
+DatasetName = Literal["nq_open", "triviaqa_open", "squad_v2", "webquestions", "nq_open_oracle"]
 
 FILES: dict[str, str] = {
     "nq_open": "nq_open/nq_open_test.jsonl.gz",
     "triviaqa_open": "triviaqa_open/triviaqa_test.jsonl.gz",
     "squad_v2": "squad_v2_cs224n/questions.jsonl.gz",
     "webquestions": "webquestions/webquestions_test.jsonl.gz",
+    "nq_open_oracle": "nq_open_oracle/questions.jsonl.gz",
 }
 
 # InstructRetro's task names (its prompt code picks the short-span format by these).
 TASK_NAMES = {"nq_open": "nq", "triviaqa_open": "tqa", "squad_v2": "squad2.0",
-              "webquestions": "webquestions"}
+              "webquestions": "webquestions", "nq_open_oracle": "nq"}
 
 
 @dataclass(frozen=True)
