@@ -36,6 +36,10 @@ MODULES = [
     "retro.components.models.retro.component",
     "retro.components.models.retro.checkpoints",
     "retro.components.recipes.instructretro",
+    "retro.components.radit.config",
+    "retro.components.radit.data",
+    "retro.components.radit.stages",
+    "retro.components.radit.recipe",
 ]
 
 
