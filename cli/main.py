@@ -139,6 +139,14 @@ def schema() -> None:
 
 
 @app.command()
+def docs() -> None:
+    """Print the Markdown reference of every spec field (docs/spec.md)."""
+    from retro.platform.spec.reference import spec_reference
+
+    print(spec_reference(), end="")
+
+
+@app.command()
 def diff(a: Path, b: Path) -> None:
     """Show the resolved fields that differ between two specs or runs."""
     from retro.platform.diffing import diff_specs
