@@ -1,14 +1,12 @@
-"""Ray Train for real (local Ray, gloo): worker-count invariance, a killed worker, FSDP, and a
-killed launcher process resumed by the next attempt. Each `fit()` costs ~20 s of actor start-up
-on this machine, so these tests are few and share runs."""
+"""Ray Train for real (local Ray, gloo): worker-count invariance, a killed worker, FSDP. Each
+`fit()` costs ~20 s of actor start-up on this machine, so these tests are few. (A killed
+`retro run` resumed by the next one is tested in test_stages.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -114,46 +112,3 @@ def test_fsdp_two_workers_match_one_worker(ray_session, one_worker, rows_file, t
     np.testing.assert_allclose(_losses(j), _losses(ref), rtol=0, atol=1e-5)
     assert summary["val_loss"] == pytest.approx(ref_summary["val_loss"], abs=1e-5)
     assert (j.final_dir / "retro_config.json").is_file()
-
-
-_LAUNCH = """
-import pickle, sys
-from retro.platform.scheduler import connect_ray
-from retro.components.training.launcher import launch
-connect_ray(num_cpus=1)
-job = pickle.load(open(sys.argv[1], "rb"))
-launch(job, num_workers=1, storage=sys.argv[2])
-"""
-
-
-def test_killed_launcher_is_resumed_by_the_next_attempt(ray_session, one_worker, rows_file,
-                                                        tmp_path):
-    """The whole launching process (and its Ray) is killed after a checkpoint; launching the
-    same job on the same storage again resumes from that checkpoint, not from step 0."""
-    import pickle
-
-    ref, _ = one_worker
-    j = _job(tmp_path / "out", rows_file)
-    (tmp_path / "job.pkl").write_bytes(pickle.dumps(j))
-    env = {**os.environ, "RAY_TMPDIR": f"/tmp/rk{os.getpid() % 10000}"}
-    proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(tmp_path / "job.pkl"),
-                             str(tmp_path / "work")], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (
-                j.metrics_file.exists() and len(_losses(j)) >= EVERY + 2):
-            assert proc.poll() is None, "launcher exited before it could be killed"
-            time.sleep(0.05)
-        assert EVERY + 2 <= len(_losses(j)) < STEPS
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    summary = launch(j, num_workers=1, storage=tmp_path / "work")
-    assert summary["resumed_from"] in (EVERY, 2 * EVERY)
-    rows = rows_of(j.metrics_file)
-    last = max(i for i, r in enumerate(rows) if r["kind"] == "resume")
-    assert rows[last]["step"] == summary["resumed_from"]
-    assert [r["step"] for r in rows[last + 1:] if r["kind"] == "train"] == \
-        list(range(summary["resumed_from"] + 1, STEPS + 1))
-    np.testing.assert_allclose(_losses(j)[-1], _losses(ref)[-1], rtol=0, atol=1e-5)
