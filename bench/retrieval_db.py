@@ -52,9 +52,10 @@ def run_spec(work: Path, name: str, workers: int, **secs):
     from retro.platform import api
     from retro.platform.store import ArtifactStore
 
+    resources = {"default": {"num_workers": workers}, **secs.pop("resources", {})}
     spec = {"name": name, "tracking": [{"type": "none"}],
             "store": {"path": str(work / "store"), "runs": str(work / "runs")},
-            "resources": {"default": {"num_workers": workers}}, **secs}
+            "resources": resources, **secs}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     t0 = time.time()
@@ -137,16 +138,20 @@ def cmd_embed(args):
             embedder.embed_tokenized(embedder.tokenize(
                 db.texts(a, min(a + embedder.window, n), decoder)))
 
-    times = {"plain": [], "ours": []}
+    wall, cpu = {"plain": [], "ours": []}, {"plain": [], "ours": []}
     for _ in range(args.repeats):
         for name, fn in (("ours", ours), ("plain", plain)):
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             fn()
-            times[name].append(time.time() - t0)
-    best = {k: min(v) for k, v in times.items()}
+            wall[name].append(time.time() - t0)
+            cpu[name].append(time.process_time() - c0)
+    best = {k: min(v) for k, v in cpu.items()}  # CPU time: robust on a shared machine
     emit(args.work, {"bench": "embed", "chunks": n, "threads": args.threads,
-                     "ours_chunks_per_s": n / best["ours"], "plain_chunks_per_s": n / best["plain"],
-                     "ratio": best["plain"] / best["ours"], "all_s": times})
+                     "ours_chunks_per_cpu_s": n / best["ours"],
+                     "plain_chunks_per_cpu_s": n / best["plain"],
+                     "ratio": best["plain"] / best["ours"],
+                     "wall_ratio": min(wall["plain"]) / min(wall["ours"]),
+                     "wall_s": wall, "cpu_s": cpu})
 
 
 def _queries(arts, n_chunks: int, n_questions: int, seed: int = 0):
@@ -160,9 +165,10 @@ def _queries(arts, n_chunks: int, n_questions: int, seed: int = 0):
 
 
 def _timed_search(index, q, k):
-    t0 = time.time()
+    """ids and queries per CPU-second (one faiss thread: robust on a shared machine)."""
+    c0 = time.process_time()
     _, ids = index.search(q, k)
-    return ids, len(q) / (time.time() - t0)
+    return ids, len(q) / (time.process_time() - c0)
 
 
 def cmd_index(args):
@@ -187,16 +193,17 @@ def cmd_index(args):
                ("OPQ32_128,IVF2048_HNSW32,PQ32", "nprobe", [32, 64, 128])]
     for factory, param, values in configs:
         index = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         index.train(train)
-        t_train = time.time() - t0
-        t0 = time.time()
+        t_train, c_train = time.time() - t0, time.process_time() - c0
+        t0, c0 = time.time(), time.process_time()
         index.add(emb)
-        t_add = time.time() - t0
+        t_add, c_add = time.time() - t0, time.process_time() - c0
         for v in values:
             faiss.ParameterSpace().set_index_parameter(index, param, v)
             row = {"bench": "index", "factory": factory, param: v, "train_s": t_train,
-                   "add_s": t_add, "threads": args.threads}
+                   "add_s": t_add, "train_cpu_s": c_train, "add_cpu_s": c_add,
+                   "threads": args.threads}
             for name, q in queries.items():
                 ids, qps = _timed_search(index, q, 10)
                 row[name] = {"qps": qps, "speedup_vs_flat": qps / exact[name][1],
@@ -246,13 +253,13 @@ def cmd_qa(args):
         spec = type("S", (), {"retriever": type("R", (), {"type": kind})})
         retriever = Retriever.from_artifacts(
             node, {slot: arts[c] for slot, c in retriever_inputs(spec).items()})
-        t0 = time.time()
+        c0 = time.process_time()
         hits = retriever.search(texts, 20)
-        seconds = time.time() - t0
+        seconds = time.process_time() - c0
         found = np.array([[has_answer(p.text, q["answers"]) for p in row[:20]]
                           + [False] * (20 - len(row)) for row, q in zip(hits, questions)])
         out[kind] = {f"recall@{k}": float(found[:, :k].any(1).mean()) for k in (1, 5, 20)}
-        out[kind]["qps"] = len(texts) / seconds
+        out[kind]["queries_per_cpu_s"] = len(texts) / seconds
     emit(args.work, out)
 
 
@@ -264,6 +271,7 @@ class RssSampler:
 
         self.root = psutil.Process()
         self.peaks: dict[int, tuple[str, int]] = {}
+        self.cpu: dict[int, float] = {}
         self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -276,6 +284,8 @@ class RssSampler:
             for p in [self.root] + self.root.children(recursive=True):
                 try:
                     rss = p.memory_info().rss
+                    t = p.cpu_times()
+                    self.cpu[p.pid] = t.user + t.system
                     name = " ".join(p.cmdline()[:1]) if p.pid != self.root.pid else "driver"
                     if "ray::" in name or "default_worker" in " ".join(p.cmdline()):
                         name = "ray-worker"
@@ -299,17 +309,16 @@ class RssSampler:
         workers = [rss for name, rss in self.peaks.values() if name == "ray-worker"]
         return {"peak_worker_rss_mb": max(workers, default=0) / 2**20,
                 "peak_driver_rss_mb": self.peaks.get(self.root.pid, ("", 0))[1] / 2**20,
-                "peak_tree_rss_mb": self.peak_total / 2**20}
+                "peak_tree_rss_mb": self.peak_total / 2**20,
+                "cpu_s": sum(self.cpu.values())}
 
 
 def cmd_scale(args):
-    """Whole retro-db build (neighbours of train and valid included) at N and 4N documents."""
+    """Whole retro-db build (neighbours of train and valid included) at N and 4N documents.
+    Wall time includes the local Ray start (a few seconds); CPU seconds sum every process."""
     import shutil
 
-    from retro.platform.scheduler import connect_ray
-
-    connect_ray(num_cpus=args.workers)  # one Ray for both sizes: its start-up is not DB work
-    rows = []
+    rows = []  # each size starts its own local Ray, so no worker carries memory across sizes
     for mult in (1, 4):
         work = args.work / f"scale-{mult}x"
         shutil.rmtree(work, ignore_errors=True)
@@ -317,6 +326,7 @@ def cmd_scale(args):
         secs = sections(max_documents=args.docs * mult, splits=("train", "valid"),
                         index={"type": "faiss", "factory": "HNSW32,Flat", "ef_search": 64})
         secs["retriever"]["neighbours"] = {"candidates": 50, "k": 2}
+        secs["resources"] = {"num_cpus": args.workers}
         with RssSampler() as rss:
             wall, arts, _ = run_spec(work, f"scale-{mult}x", args.workers, **secs)
         rows.append({"docs": args.docs * mult, "wall_s": wall, **rss.summary(),
@@ -324,6 +334,7 @@ def cmd_scale(args):
                      "stage_s": stage_seconds(arts)})
     emit(args.work, {"bench": "scale", "workers": args.workers, "runs": rows,
                      "time_ratio": rows[1]["wall_s"] / rows[0]["wall_s"],
+                     "cpu_ratio": rows[1]["cpu_s"] / rows[0]["cpu_s"],
                      "worker_rss_ratio": rows[1]["peak_worker_rss_mb"]
                      / rows[0]["peak_worker_rss_mb"]})
 
