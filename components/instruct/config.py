@@ -48,8 +48,9 @@ class SFT:
         """Tokens per sample row (the paper: 4096); None: the model's context length. Longer
         samples keep the end of the prompt and cut the answer's tail."""
         retrieval: bool = False
-        """Feed neighbours during SFT. False (InstructRetro): gate 0 and all-zero neighbours, so
-        only the decoder learns (encoder and cross-attention are frozen)."""
+        """False (InstructRetro): gate 0, the encoder bypassed as with all-zero neighbours, so
+        only the decoder learns. True: every chunk of every sample retrieves its neighbours from
+        the DB (as pretraining sequences do) and the whole Retro model trains."""
         eval_samples: int = Field(64, ge=0)
         """Records held out of the blend (proportionally per source) for validation loss."""
         system: str = SYSTEM

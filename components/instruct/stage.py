@@ -21,7 +21,9 @@ from retro.platform.registry import register
 def instruct(ctx: Any) -> dict:
     """Instruction-tune the `init` model (a retro-fit or gpt-fit artifact) on `instruct.blend`.
 
-    Params: `instruct` (the instruct node). Inputs: `init` (model directory), `tokenizer`.
+    Params: `instruct` (the instruct node); with `instruct.retrieval: true` also `retriever`
+    (the retriever node). Inputs: `init` (model directory), `tokenizer`; with retrieval on also
+    `tokens`, `chunk_db` and `index` (dense) or `bm25`.
     Files: the model directory (`models.export`: decoder/ + tokenizer, retro_config.json,
     retro.safetensors, training.json holding the realized blend).
     """
@@ -37,9 +39,8 @@ def instruct(ctx: Any) -> dict:
                                      if k != "type"})
     init = Path(ctx.inputs["init"].path)
     retro_cfg = _retro_config(init)
-    if cfg.retrieval:
-        raise UserError("instruct.retrieval: true needs neighbours for the instruction samples, "
-                        "which no stage computes; use false (InstructRetro's setting: gate 0)")
+    retrieval = cfg.retrieval and retro_cfg.get("retro", True)   # a GPT has nothing to feed
+    retriever = _retriever(ctx) if retrieval else None           # missing inputs fail here
     seq_length = cfg.seq_length or _context_length(retro_cfg)
     loaded = [load_source(node) for node in cfg.blend]          # every data error, up front
     sched = cfg.schedule()
@@ -55,20 +56,54 @@ def instruct(ctx: Any) -> dict:
     blend = [p.summary() for p in parts]
     for part in blend:
         ctx.log.info("blend: %s", part)
+    neighbours = {which: _neighbours(ctx, retriever, tok, data / which, seq_length,
+                                     int(retro_cfg["chunk_length"]), eod)
+                  if retrieval else None for which in ("train", "eval")}
     train = NpyRows(str(data / "train_tokens.npy"), seq_length,
-                    loss_mask=str(data / "train_mask.npy"), pad_id=eod)
+                    loss_mask=str(data / "train_mask.npy"), pad_id=eod,
+                    neighbours=neighbours["train"])
     valid = NpyRows(str(data / "eval_tokens.npy"), seq_length,
-                    loss_mask=str(data / "eval_mask.npy"), pad_id=eod) \
-        if stats["eval"]["rows"] else None
+                    loss_mask=str(data / "eval_mask.npy"), pad_id=eod,
+                    neighbours=neighbours["eval"]) if stats["eval"]["rows"] else None
     meta = {"stage": "instruct", "schedule": sched.__dict__, "seed": ctx.seed,
-            "seq_length": seq_length, "blend": blend, "rows": stats, "retrieval": cfg.retrieval}
-    model = functools.partial(load_trained, str(init), retrieval=cfg.retrieval)
+            "seq_length": seq_length, "blend": blend, "rows": stats, "retrieval": retrieval}
+    model = functools.partial(load_trained, str(init), retrieval=retrieval)
     out = functools.partial(export, tokenizer_dir=str(ctx.inputs["tokenizer"].path), meta=meta,
                             gate=float(retro_cfg.get("gate", 1.0)))
     ctx.summary["blend"] = blend
     summary = _run(ctx, "instruct", model, train, valid, sched, cfg, {}, export=out)
     return {**summary, "blend_samples": stats["train"]["rows"],
             "truncated": stats["train"]["truncated"], "loss_tokens": stats["train"]["loss_tokens"]}
+
+
+def _retriever(ctx: Any) -> Any:
+    """The DB retriever for SFT with retrieval on (the spec's `retriever` and the DB stages)."""
+    from retro.components.retrieval.api import Retriever
+
+    if "retriever" not in ctx.params:
+        raise UserError("instruct.retrieval: true needs the recipe to pass the `retriever` "
+                        "section and the DB artifacts (tokens, chunk_db, index or bm25) to "
+                        "the instruct stage")
+    return Retriever.from_artifacts(ctx.params["retriever"], ctx.inputs)
+
+
+def _neighbours(ctx: Any, retriever: Any, tokenizer: Any, prefix: Path, seq_length: int,
+                chunk_length: int, eod: int) -> Any:
+    """Retrieve every chunk's neighbours of the rendered rows once, before training; returns
+    the worker-side reader."""
+    import numpy as np
+
+    from retro.components.training.neighbours import retrieve_for_rows
+    from retro.components.training.stages import db_neighbours
+
+    k = int(ctx.params["retriever"].get("neighbours", {}).get("k", 2))
+    tokens = np.load(f"{prefix}_tokens.npy", mmap_mode="r")
+    ids = retrieve_for_rows(retriever, tokenizer, tokens, seq_length, chunk_length, k, eod)
+    np.save(f"{prefix}_neighbours.npy", ids)
+    ctx.log.info("%s: retrieved neighbours for %d rows (%.0f%% of slots filled)",
+                 prefix.name, len(ids), 100 * float((ids >= 0).mean()) if ids.size else 0)
+    return functools.partial(db_neighbours, f"{prefix}_neighbours.npy",
+                             str(ctx.inputs["chunk_db"].path), str(ctx.inputs["tokens"].path), k)
 
 
 def _retro_config(path: Path) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -126,13 +125,3 @@ class RayRuntime:
         import tempfile
 
         return Path(tempfile.mkdtemp(prefix="retro-ckpt-"))
-
-
-def step_of(path: Path) -> int:
-    """The step a checkpoint directory holds (from its trainer_state.json)."""
-    return int(json.loads((path / STATE_FILE).read_text())["step"])
-
-
-def checkpoint_name_step(name: str) -> Optional[int]:
-    m = re.search(r"(\d+)$", name)
-    return int(m.group(1)) if m else None

@@ -119,18 +119,6 @@ class ArrayNeighbours:
 
 
 @dataclass(frozen=True)
-class ZeroNeighbours:
-    """All-zero neighbours, as InstructRetro feeds the encoder when retrieval is gated off."""
-
-    chunks: int
-    k: int
-    r: int
-
-    def tokens(self, rows: np.ndarray) -> np.ndarray:
-        return np.zeros((len(rows), self.chunks, self.k, self.r), dtype=np.int64)
-
-
-@dataclass(frozen=True)
 class NpyRows:
     """A picklable recipe for a `TokenRows` over .npy files (opened as memmaps in the worker).
 

@@ -42,6 +42,10 @@ def launch(job: TrainJob, *, num_workers: int, cpus_per_worker: float = 1.0,
         UserError: the training failed for good (after `max_failures` restarts).
     """
     storage = Path(storage).absolute()
+    if job.schedule.global_batch % num_workers:
+        raise UserError(f"{job.name}: global_batch {job.schedule.global_batch} is not divisible "
+                        f"by {num_workers} workers; change resources.stages.{job.name}."
+                        f"num_workers or the global batch")
     if use_ray is None:
         import ray
 

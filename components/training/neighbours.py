@@ -1,8 +1,8 @@
-"""Neighbour tokens of training sequences, read from the retrieval artifacts in the worker."""
+"""Neighbour tokens of training rows, read from the retrieval artifacts in the worker."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -14,17 +14,18 @@ class DBNeighbours:
     (the chunk DB would pad it with EOD tokens, which the model would attend to).
 
     Args:
-        neighbours_path: a `neighbours` artifact (ids [n_seq, chunks, K], -1 padded).
+        ids_path: .npy of neighbour ids [n_rows, chunks, K], -1 padded (a `neighbours`
+            artifact's `neighbours.npy`, or the SFT rows' ids).
         chunk_db_path: the `chunk-db` artifact the ids index.
         tokens_path: the `tokenize` artifact the chunk DB was built from.
         k: neighbours used per chunk (the first k of K); None: all K.
     """
 
-    def __init__(self, neighbours_path: str, chunk_db_path: str, tokens_path: str,
+    def __init__(self, ids_path: str, chunk_db_path: str, tokens_path: str,
                  k: Optional[int] = None):
-        from retro.components.retrieval.api import ChunkDB, Neighbours
+        from retro.components.retrieval.api import ChunkDB
 
-        self.ids = Neighbours(neighbours_path).ids
+        self.ids = np.load(ids_path, mmap_mode="r")
         self.db = ChunkDB(chunk_db_path, tokens_path)
         self.k = k
 
@@ -33,3 +34,36 @@ class DBNeighbours:
         toks = self.db.neighbour_tokens(ids)                       # [b, chunks, k, 2m]
         toks[ids < 0] = -1
         return toks
+
+
+def retrieve_for_rows(retriever: Any, tokenizer: Any, tokens: np.ndarray, seq_length: int,
+                      chunk_length: int, k: int, eod: int, batch: int = 256) -> np.ndarray:
+    """Neighbour ids of every chunk of token rows (SFT with retrieval on), by searching the DB
+    with each chunk's decoded text, as the `neighbours` stage does for pretraining sequences.
+
+    Args:
+        retriever: a `retrieval.api.Retriever` over the DB.
+        tokenizer: the decoder tokenizer (to turn chunks into query text).
+        tokens: rows [n, >= seq_length]; the model sees the first seq_length tokens.
+        seq_length, chunk_length, k: model input length, m, neighbours per chunk.
+        eod: padding id; an all-padding chunk retrieves nothing.
+
+    Returns:
+        int64 [n, ceil(seq_length / m), k], -1 where nothing was found.
+    """
+    chunks = -(-seq_length // chunk_length)
+    out = np.full((len(tokens), chunks, k), -1, dtype=np.int64)
+    queries, where = [], []
+    for i, row in enumerate(tokens):
+        for j in range(chunks):
+            piece = [int(t) for t in row[j * chunk_length:min((j + 1) * chunk_length,
+                                                              seq_length)] if t != eod]
+            if piece:
+                queries.append(tokenizer.decode(piece, skip_special_tokens=True))
+                where.append((i, j))
+    for start in range(0, len(queries), batch):
+        hits = retriever.search(queries[start:start + batch], k)
+        for (i, j), row_hits in zip(where[start:start + batch], hits):
+            ids = [p.chunk_id for p in row_hits[:k]]
+            out[i, j, :len(ids)] = ids
+    return out

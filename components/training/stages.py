@@ -173,7 +173,8 @@ def _lm_rows(ctx: Any, seq_length: int, eod: int, *, neighbours: bool = False,
                             f"holds sequences of {meta['seq_length']} tokens; make them agree")
         nb = None
         if neighbours:
-            nb = functools.partial(_db_neighbours, str(ctx.inputs[nb_slot].path),
+            nb = functools.partial(db_neighbours,
+                                   str(ctx.inputs[nb_slot].path / "neighbours.npy"),
                                    str(ctx.inputs["chunk_db"].path),
                                    str(ctx.inputs["tokens"].path), k)
         out.append(NpyRows(str(path / "tokens.npy"), seq_length, neighbours=nb, pad_id=eod))
@@ -182,11 +183,12 @@ def _lm_rows(ctx: Any, seq_length: int, eod: int, *, neighbours: bool = False,
     return out[0], out[1]
 
 
-def _db_neighbours(neighbours_path: str, chunk_db_path: str, tokens_path: str,
-                   k: Optional[int]) -> Any:
+def db_neighbours(ids_path: str, chunk_db_path: str, tokens_path: str,
+                  k: Optional[int]) -> Any:
+    """A `DBNeighbours` built in the worker (this partial is what pickles)."""
     from retro.components.training.neighbours import DBNeighbours
 
-    return DBNeighbours(neighbours_path, chunk_db_path, tokens_path, k)
+    return DBNeighbours(ids_path, chunk_db_path, tokens_path, k)
 
 
 def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: ResolvedSchedule,

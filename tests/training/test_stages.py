@@ -134,3 +134,31 @@ def test_training_stages_end_to_end_resuming_a_killed_run(ray_session, shared_da
     assert [(b["type"], b["samples"]) for b in blend] == [("alpaca", 20), ("oasst", 12)]
     lock = yaml.safe_load((record.dir / "resolved.yaml").read_text())["lock"]["data"]
     assert blend[0]["sha256"] == lock["instruct.blend.0.path"]["sha256"]
+
+    # SFT with retrieval on: rows are searched chunk by chunk against the real DB (bm25); a
+    # row made of DB chunks retrieves those chunks, and the worker reads them back as tokens
+    _check_sft_retrieval(store, yaml.safe_load(spec.read_text())["retriever"], tmp_path)
+
+
+def _check_sft_retrieval(store: Path, retriever_node: dict, tmp: Path) -> None:
+    import numpy as np
+
+    from retro.components.retrieval.api import ChunkDB, Retriever, load_tokenizer
+    from retro.components.training.neighbours import DBNeighbours, retrieve_for_rows
+
+    inputs = {"tokenizer": _artifact(store, "tokenizer"), "tokens": _artifact(store, "tokenize"),
+              "chunk_db": _artifact(store, "chunk-db"), "bm25": _artifact(store, "bm25-index")}
+    retriever = Retriever.from_artifacts(retriever_node, inputs)
+    db = ChunkDB(inputs["chunk_db"], inputs["tokens"])
+    picks = [3, 40, 77]
+    rows = db.chunk_tokens(np.array([picks, picks[::-1]]).T).reshape(3, -1)   # [3, 2m]
+    eod = json.loads((inputs["tokenizer"] / "meta.json").read_text())["eod_id"]
+    ids = retrieve_for_rows(retriever, load_tokenizer(inputs["tokenizer"]), rows,
+                            seq_length=32, chunk_length=16, k=2, eod=eod)
+    assert ids.shape == (3, 2, 2)
+    np.testing.assert_array_equal(ids[:, :, 0], np.array([picks, picks[::-1]]).T)
+    np.save(tmp / "ids.npy", ids)
+    toks = DBNeighbours(str(tmp / "ids.npy"), str(inputs["chunk_db"]),
+                        str(inputs["tokens"]), k=2).tokens(np.array([2, 0]))
+    assert toks.shape == (2, 2, 2, 32)
+    np.testing.assert_array_equal(toks[0, 0, 0, :16], rows[2, :16])
