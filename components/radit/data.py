@@ -11,9 +11,12 @@ text match), so a QA file that overlaps the test set can be used for training sa
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Optional, Sequence
+
+from pydantic import Field
 
 from retro.components.evaluators.prompts import ANSWER_PREFIX, SHORT_SPAN
 from retro.components.instruct.sources import (Conversation, Loaded, SourceConfig,
@@ -41,11 +44,17 @@ class QAPairs:
         FIELDS: ClassVar[tuple[str, ...]] = ("question", "answer")
         DEFAULT: ClassVar[tuple[str, str]] = (SHORT_SPAN + "{question}",
                                               ANSWER_PREFIX + " {answer}")
+        max_records: Optional[int] = Field(None, ge=1)
+        """Read only the first N records of the files (None: all), e.g. the questions whose
+        gold passage is in a small corpus."""
 
     @staticmethod
     def load(cfg: Config, files: list[Path]) -> Loaded:
         out = Loaded([])
-        for where, rec in _records(files):
+        records = _records(files)
+        if cfg.max_records is not None:
+            records = itertools.islice(records, cfg.max_records)
+        for where, rec in records:
             require(rec, where, "qa-pairs", "question")
             answers = rec.get("answers")
             if answers is None:
