@@ -97,9 +97,10 @@ class CharTokenizer:
         return bytes(int(i) % 256 for i in ids).decode("latin-1")
 
 
-def test_generate_greedy_matches_full_forward_rollout_and_stops():
+@pytest.mark.parametrize("overrides", [{}, {"family": "gpt2", "bias": True}])
+def test_generate_greedy_matches_full_forward_rollout_and_stops(overrides):
     torch.manual_seed(0)
-    model = build_model(node(preset="retro-nano"), 256, M).eval()
+    model = build_model(node(preset="retro-nano", overrides=overrides), 256, M).eval()
     prompt = list(range(65, 65 + 20))
     out = generate(model, CharTokenizer(), prompt, max_new_tokens=12)
     ids = list(prompt)

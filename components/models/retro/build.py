@@ -23,8 +23,10 @@ def hf_decoder_config(dims: Dims, vocab_size: int) -> dict:
                   initializer_range=dims.init_std, bos_token_id=None, eos_token_id=None,
                   pad_token_id=None)
     if dims.family == "gpt2":
+        # gelu_pytorch_tanh: GPT-2's tanh GELU as one fused op (gelu_new is five elementwise ops)
         cfg = GPT2Config(n_positions=dims.max_seq_len, n_embd=dims.d_model, n_layer=dims.n_layers,
-                         n_head=dims.n_heads, n_inner=dims.ffn, activation_function="gelu_new",
+                         n_head=dims.n_heads, n_inner=dims.ffn,
+                         activation_function="gelu_pytorch_tanh",
                          resid_pdrop=dims.dropout, embd_pdrop=dims.dropout,
                          attn_pdrop=dims.dropout, layer_norm_epsilon=dims.norm_eps, **common)
     else:

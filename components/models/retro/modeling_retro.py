@@ -148,7 +148,8 @@ class Rotary(nn.Module):
         x_rot, x_pass = x[..., : self.rot], x[..., self.rot:]
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
-        return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+        out = x_rot * cos + rotated * sin
+        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
 
 
 class Attention(nn.Module):
@@ -178,7 +179,7 @@ class Attention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         mask = has_key = None
-        if key_mask is not None:
+        if key_mask is not None and not bool(key_mask.all()):  # no padding: the faster path
             has_key = key_mask.any(-1)  # [B]
             mask = (key_mask | ~has_key[:, None])[:, None, None, :]  # [B, 1, 1, tk]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
