@@ -70,13 +70,7 @@ class InstructRetroRecipe:
         calls += self._fits(spec, gpt)
         models = {"retro": "retro-fit", "gpt": "gpt-fit" if self.config.gpt_fit else None}
         if spec.instruct is not None:
-            for arm, fit in list(models.items()):
-                if fit is not None:
-                    calls.append(StageCall(f"instruct-{arm}", "instruct",
-                                           reads={"instruct": "instruct"},
-                                           inputs={"init": fit, "tokenizer": "tokenizer"},
-                                           distributed=True))
-                    models[arm] = f"instruct-{arm}"
+            calls += self._instruct(spec, models)
         calls += self._evals(spec, models)
         return calls
 
@@ -116,6 +110,23 @@ class InstructRetroRecipe:
                 "gpt-fit", "gpt-fit", reads={"model": "model", "pretrain": "pretrain"},
                 omit={"model": RETRO_ONLY, "pretrain": ("gpt",)}, inputs=data,
                 distributed=True))
+        return calls
+
+    def _instruct(self, spec: Any, models: dict[str, str | None]) -> list[StageCall]:
+        """SFT of each arm; with `instruct.retrieval` the Retro arm also searches the DB."""
+        from retro.components.retrieval.recipe import retriever_inputs
+
+        calls = []
+        for arm, fit in list(models.items()):
+            if fit is None:
+                continue
+            reads, inputs = {"instruct": "instruct"}, {"init": fit, "tokenizer": "tokenizer"}
+            if spec.instruct.retrieval and arm == "retro":
+                reads["retriever"] = "retriever"
+                inputs.update(retriever_inputs(spec))
+            calls.append(StageCall(f"instruct-{arm}", "instruct", reads=reads, inputs=inputs,
+                                   distributed=True))
+            models[arm] = f"instruct-{arm}"
         return calls
 
     def _evals(self, spec: Any, models: dict[str, str | None]) -> list[StageCall]:
