@@ -312,15 +312,13 @@ def ra_it(ctx: Any) -> dict[str, Any]:
     tok, tok_dir = _lm_tokenizer(init, ctx.work_dir / "tokenizer")
     data = ctx.work_dir / "rows"
     data.mkdir(parents=True, exist_ok=True)
-    stats, widths = {}, []
     parts = {"train": train, "eval": held}
     hits = {w: _retrieve(retriever, exs, cfg.retrieve_k) for w, exs in parts.items()}
-    for which, exs in parts.items():
-        ids, _, texts = hits[which]
-        widths.append(_row_width(exs, texts, tok, cfg))
-    seq_length = cfg.seq_length or min(max(widths), _context_length(init))
-    for which, exs in parts.items():
-        stats[which] = _write_rows(data / which, exs, hits[which][2], tok, seq_length, cfg)
+    seq_length = cfg.seq_length or min(
+        max(_row_width(exs, hits[w][2], tok, cfg) for w, exs in parts.items()),
+        _context_length(init))
+    stats = {w: _write_rows(data / w, exs, hits[w][2], tok, seq_length, cfg)
+             for w, exs in parts.items()}
     _write_retrieved(ctx.out_dir / "retrieved.jsonl", train, *hits["train"][:2])
     rows = {w: NpyRows(str(data / f"{w}_tokens.npy"), seq_length,
                        loss_mask=str(data / f"{w}_mask.npy"), pad_id=_eod(tok))
