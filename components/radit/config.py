@@ -62,8 +62,10 @@ class LSRConfig(StrictModel):
 
 @register("instruct", "ra-it")
 class RAIT:
-    """RA-IT: instruction tuning where every example is repeated with each of its top-k
-    retrieved chunks as "Background: ..." before the instruction; loss on the answer only."""
+    """RA-IT: instruction tuning with one retrieved chunk per row, answer-only loss.
+
+    Every example is repeated with each of its top-k retrieved chunks as "Background: ..."
+    before the instruction."""
 
     class Config(SFT.Config):
         retrieve_k: int = Field(3, ge=1)

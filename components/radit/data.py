@@ -35,9 +35,10 @@ class QAConversation(Conversation):
 
 @register("blend-source", "qa-pairs")
 class QAPairs:
-    """Open-domain QA as JSONL or a JSON array: {question, answers: [...]} (the QA evaluator's
-    files, nq_open_oracle/questions) or {question, answer}. The first answer is the target; the
-    default template matches the QA evaluator's prompt (short-span instruction, "The answer
+    """Open-domain QA pairs: {question, answers: [...]} or {question, answer}, JSONL or JSON.
+
+    E.g. the QA evaluator's files or nq_open_oracle/questions. The first answer is the target;
+    the default template matches the QA evaluator's prompt (short-span instruction, "The answer
     is ...")."""
 
     class Config(SourceConfig):

@@ -34,8 +34,9 @@ VARIANTS = {"base": ("base-lm", "base"), "lm-ft": ("ra-it", "base"),
 
 @register("recipe", "ra-dit")
 class RaDitRecipe:
-    """RA-DIT: LM fine-tuning (RA-IT) + LM-supervised retriever fine-tuning (LSR), QA of the
-    base / LM-ft / R-ft / dual-tuned pairs."""
+    """RA-DIT: RA-IT (LM) and LSR (query encoder) fine-tuning; QA of the four pairings.
+
+    The pairings: base LM + base retriever, LM-ft + base, base + R-ft, LM-ft + R-ft."""
 
     class Config(StrictModel):
         lsr: LSRConfig
