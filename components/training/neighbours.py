@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -15,7 +16,7 @@ class DBNeighbours:
 
     Args:
         ids_path: .npy of neighbour ids [n_rows, chunks, K], -1 padded (a `neighbours`
-            artifact's `neighbours.npy`, or the SFT rows' ids).
+            artifact's `neighbours.npy` or that artifact's folder, or the SFT rows' ids).
         chunk_db_path: the `chunk-db` artifact the ids index.
         tokens_path: the `tokenize` artifact the chunk DB was built from.
         k: neighbours used per chunk (the first k of K); None: all K.
@@ -25,6 +26,8 @@ class DBNeighbours:
                  k: Optional[int] = None):
         from retro.components.retrieval.api import ChunkDB
 
+        if Path(ids_path).is_dir():  # a `neighbours` artifact folder
+            ids_path = str(Path(ids_path) / "neighbours.npy")
         self.ids = np.load(ids_path, mmap_mode="r")
         self.db = ChunkDB(chunk_db_path, tokens_path)
         self.k = k
