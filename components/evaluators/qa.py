@@ -209,6 +209,11 @@ def _query_encoder(ctx: StageContext) -> Any:
     embeds the questions with the spec's pooling; the DB embeddings and index stay as built."""
     if "query_encoder" not in ctx.inputs:
         return None
+    if "embedder" not in ctx.params:
+        from retro.platform.errors import UserError
+
+        raise UserError(f"stage {ctx.name}: a query_encoder input needs a dense retriever "
+                        f"(retriever.type is {ctx.params['retriever_type']!r})")
     from retro.components.evaluators.lm import find_model_dir
     from retro.components.retrieval.common import build_component
 
