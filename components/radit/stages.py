@@ -37,6 +37,9 @@ def build_retriever(params: dict[str, Any], inputs: dict[str, Any]) -> Any:
             **{k: params[k] for k in ("embedder", "index", "stopwords") if k in params}}
     encode = None
     if "query_encoder" in inputs:
+        if "embedder" not in params:
+            raise UserError("a query_encoder input needs a dense retriever (retriever.type is "
+                            f"{params['retriever_type']!r})")
         encode = query_encoder_embedder(params["embedder"], inputs["query_encoder"]).embed
     return Retriever.from_artifacts(node, inputs, query_encoder=encode)
 
