@@ -131,6 +131,11 @@ def eval_ppl(ctx: StageContext) -> dict[str, Any]:
     if cfg.retrieval_context and source is None:
         raise UserError(f"stage {ctx.name}: retrieval_context needs `neighbours`, `chunk_db` "
                         "and `tokens` inputs")
+    vocab = lm.model.decoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise UserError(f"stage {ctx.name}: the model's vocabulary ({vocab}) is smaller than the "
+                        f"DB tokenizer's ({len(tokenizer)}): perplexity needs a model that uses "
+                        "the spec's tokenizer")
     if source is not None and lm.is_retro and source.db.chunk_length != lm.chunk_length:
         raise UserError(f"stage {ctx.name}: the model's chunk length is {lm.chunk_length} but "
                         f"the neighbours were built with retriever.chunk_length = "
