@@ -29,7 +29,7 @@ SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
 def main() -> None:
     """Console entry point: user errors exit 2 with a message and no traceback."""
     try:
-        code = app(standalone_mode=False)  # click returns Exit codes instead of raising here
+        code = app(standalone_mode=False, prog_name="retro")  # Exit codes are returned here
         sys.exit(code if isinstance(code, int) else 0)
     except UserError as e:
         render.error(str(e))
@@ -45,13 +45,22 @@ def main() -> None:
     except KeyboardInterrupt:
         render.error("interrupted; re-run the same command to resume")
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors arrive here in non-standalone mode
+        if _is_click_error(e):
             e.show()
             sys.exit(2)
         raise
+
+
+def _is_click_error(e: Exception) -> bool:
+    """Click's ClickException, or the copy of it that newer typer releases vendor."""
+    import click
+
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+    except ImportError:  # typer with a click dependency instead of a vendored copy
+        TyperClickException = click.ClickException
+    return isinstance(e, (click.ClickException, TyperClickException))
 
 
 @app.command()

@@ -15,6 +15,7 @@ from retro.platform.registry import registry
 from retro.platform.spec.model import ResourceRequest
 from retro.platform.stage import StageContext, stage_logger
 from retro.platform.store import ArtifactStore
+from retro.platform.secrets import redact, restore_env_placeholders
 from retro.platform.tracking import TrackingInfo, build_trackers
 
 
@@ -56,7 +57,7 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
         out_dir=tmp, work_dir=work, seed=node.seed, resources=node.resources, log=log,
         tracker=tracker, variants=list(node.variants), _parallel_map=_ray_parallel_map)
     log.info("stage %s (%s) key %s starting; params %s", node.name, node.stage, node.key,
-             node.params)
+             redact(node.params))
     t0 = time.time()
     try:
         fn = registry.get("stage", node.stage).obj
@@ -65,7 +66,8 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
         if (work / "metrics.jsonl").exists():
             shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
         artifact = store.commit(tmp, node.stage, node.key, {
-            "name": node.name, "version": node.version, "params": node.params,
+            "name": node.name, "version": node.version,
+            "params": restore_env_placeholders(node.params),
             "inputs": {slot: {"stage": s, "key": k} for slot, (s, k) in p.inputs.items()},
             "seconds": round(seconds, 3), "summary": {**ctx.summary, **summary},
             "packages": _versions()}, replace=node.force)

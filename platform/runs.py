@@ -23,6 +23,7 @@ import yaml
 
 from retro.platform.hashing import file_digest
 from retro.platform.plan import Plan, PlannedStage
+from retro.platform.secrets import restore_env_placeholders
 from retro.platform.spec import LoadedSpec
 from retro.platform.spec.types import data_paths, path_exists
 from retro.platform.store import write_json_atomic
@@ -91,16 +92,17 @@ def create_run(loaded: LoadedSpec, plan: Plan, argv: list[str]) -> RunRecord:
             (run_dir / "variants" / v.name).mkdir(parents=True)
             write_yaml(run_dir / "variants" / v.name / "resolved.yaml",
                        {**resolved(v.spec), "lock": {**lock, "sweep_point": v.point}})
-    write_json_atomic(run_dir / "plan.json", plan.to_json())
+    write_json_atomic(run_dir / "plan.json", restore_env_placeholders(plan.to_json()))
     record = RunRecord(run_dir)
     record.set_status("planned")
     return record
 
 
 def resolved(spec: Any) -> dict[str, Any]:
+    """The spec with every default filled; secret env values go back to `${env:NAME}`."""
     data = spec.model_dump(mode="json")
     data.pop("lock", None)
-    return data
+    return restore_env_placeholders(data)
 
 
 def write_yaml(path: Path, data: Any) -> None:
@@ -113,7 +115,7 @@ def make_lock(loaded: LoadedSpec, argv: list[str], store: Path) -> dict[str, Any
     """Versions, git state and content hashes of every data input."""
     return {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": argv,
+        "argv": restore_env_placeholders(argv),
         "python": sys.version.split()[0],
         "platform": std_platform.platform(),
         "packages": package_versions(),

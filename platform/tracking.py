@@ -7,17 +7,12 @@ into the artifact, so `retro report` needs no server.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from retro.platform.registry import registry
+from retro.platform.secrets import redact  # noqa: F401 - re-exported for trackers
 from retro.platform.store import Artifact
-
-# Names that END in a secret word (HF_TOKEN, wandb_api_key, AWS_SECRET_ACCESS_KEY), so that
-# `tokenizer` or `max_tokens` are not mistaken for secrets.
-_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|access[_-]?key|secret[_-]?key|token|secret|"
-                         r"password|passwd|credentials?)$", re.I)
 
 
 @dataclass
@@ -71,27 +66,3 @@ def build_trackers(nodes: list[dict[str, Any]], info: TrackingInfo | None) -> Mu
         tracker.log_config(redact(info.config))
         trackers.append(tracker)
     return MultiTracker(trackers or [NullTracker()])
-
-
-def redact(value: Any, secrets: list[str] | None = None) -> Any:
-    """Hide secrets before anything is logged: values under secret-looking keys (api_key,
-    token, ...) and any occurrence of a secret environment variable's value (WANDB_API_KEY,
-    HF_TOKEN, ...: e.g. interpolated into a spec string with `${env:...}`)."""
-    secrets = env_secrets() if secrets is None else secrets
-    if isinstance(value, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else redact(v, secrets))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, secrets) for v in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "<redacted>")
-    return value
-
-
-def env_secrets() -> list[str]:
-    """Values of environment variables whose names look secret (8+ characters, longest first)."""
-    import os
-
-    return sorted({v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 8},
-                  key=len, reverse=True)

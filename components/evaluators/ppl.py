@@ -26,10 +26,10 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import Field
 
-from retro.platform.registry import StrictModel, register, registry
+from retro.components.evaluators.ablation import ablation_call, evaluator_settings
+from retro.platform.registry import StrictModel, register
 from retro.platform.stage import StageCall, StageContext
 
-ABLATIONS = ("encoder", "retrieval_context")
 
 
 @register("evaluator", "ppl")
@@ -79,8 +79,6 @@ def eval_ppl_calls(eval_path: str, model_call: str, *, split: str = "valid", suf
     """
     calls = []
     for overrides in ablations or [{}]:
-        tag = "".join(f"-{'ctx' if k == 'retrieval_context' else k}-{'on' if v else 'off'}"
-                      for k, v in overrides.items())
         inputs = {"model": model_call, "sequences": f"sequences-{split}",
                   "tokenizer": "tokenizer"}
         in_context = overrides.get("retrieval_context", False)
@@ -89,19 +87,15 @@ def eval_ppl_calls(eval_path: str, model_call: str, *, split: str = "valid", suf
                        "tokens": "tokenize"}
         # fields that cannot change this call's output stay out of its key (`retrieval_context`
         # itself stays unless overridden: the node may turn it on)
-        omit = tuple(overrides) + (() if "neighbours" in inputs else ("neighbours",))
+        omit = () if "neighbours" in inputs else ("neighbours",)
         if "retrieval_context" in overrides and not in_context:
             omit += ("context_neighbours", "context_window")
-        calls.append(StageCall(f"eval-ppl{'-' + suffix if suffix else ''}{tag}", "eval-ppl",
-                               reads={"evaluator": eval_path}, consts=dict(overrides),
-                               omit={"evaluator": omit}, inputs=inputs))
+        calls.append(ablation_call("eval-ppl", suffix, overrides, eval_path, omit, inputs))
     return calls
 
 
 def settings(params: dict[str, Any]) -> PplEvaluator.Config:
-    """The evaluator config of a stage: its `evaluator` node with ablation consts applied."""
-    node = registry.get("evaluator", "ppl").node_model().model_validate(params["evaluator"])
-    return node.model_copy(update={k: params[k] for k in ABLATIONS if k in params})
+    return evaluator_settings("ppl", params)
 
 
 @register("stage", "eval-ppl", version="1")

@@ -27,12 +27,12 @@ from pydantic import Field, model_validator
 from retro.components.evaluators.metrics import answer_in_text, mean, qa_scores
 from retro.components.evaluators.prompts import PromptFormat
 from retro.components.evaluators.qa_data import DatasetName, load_questions
-from retro.platform.registry import StrictModel, register, registry
+from retro.components.evaluators.ablation import ablation_call, evaluator_settings
+from retro.platform.registry import StrictModel, register
 from retro.platform.spec.types import DataPath
 from retro.platform.stage import StageCall, StageContext
 
 RETRIEVE_FIELDS = ("datasets", "data_dir", "limit", "answer_in_corpus", "retrieve_k")
-ABLATIONS = ("encoder", "retrieval_context")
 
 
 @register("evaluator", "qa")
@@ -133,8 +133,6 @@ def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None 
     """
     calls = []
     for overrides in ablations or [{}]:
-        tag = "".join(f"-{'ctx' if k == 'retrieval_context' else k}-{'on' if v else 'off'}"
-                      for k, v in overrides.items())
         needs = overrides.get("retrieval_context", True) or (
             retro_model and overrides.get("encoder", True))
         inputs = {"model": model_call}
@@ -143,19 +141,14 @@ def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None 
         if contexts_call and needs:
             inputs["contexts"] = contexts_call
         # fields that cannot change this call's output stay out of its key
-        omit = tuple(overrides) + (() if "contexts" in inputs else
-                                   ("retrieve_k", "passages", "encoder_neighbours", "replug",
-                                    "replug_temperature"))
-        calls.append(StageCall(f"eval-qa{'-' + suffix if suffix else ''}{tag}", "eval-qa",
-                               reads={"evaluator": eval_path}, consts=dict(overrides),
-                               omit={"evaluator": omit}, inputs=inputs))
+        omit = () if "contexts" in inputs else ("retrieve_k", "passages", "encoder_neighbours",
+                                                "replug", "replug_temperature")
+        calls.append(ablation_call("eval-qa", suffix, overrides, eval_path, omit, inputs))
     return calls
 
 
 def settings(params: dict[str, Any]) -> QAEvaluator.Config:
-    """The evaluator config of a stage: its `evaluator` node with ablation consts applied."""
-    node = registry.get("evaluator", "qa").node_model().model_validate(params["evaluator"])
-    return node.model_copy(update={k: params[k] for k in ABLATIONS if k in params})
+    return evaluator_settings("qa", params)
 
 
 # ------------------------------------------------------------------------------ qa-retrieve

@@ -99,6 +99,13 @@ class SourceConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------ file helpers
+class InstructionInputOutput(SourceConfig):
+    """Records with Alpaca's fields (alpaca, self-instruct, lima)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("instruction", "input", "output")
+    DEFAULT: ClassVar[tuple[str, str]] = ("{instruction}\n\n{input}", "{output}")
+
+
 def source_files(path: str) -> list[Path]:
     """Files named by `path` (file, directory or glob), sorted; raises if there are none."""
     p = Path(path)
@@ -203,9 +210,8 @@ def load_source(node: Any) -> Loaded:
 class Alpaca:
     """Alpaca JSON: an array of {instruction, input, output}."""
 
-    class Config(SourceConfig):
-        FIELDS: ClassVar[tuple[str, ...]] = ("instruction", "input", "output")
-        DEFAULT: ClassVar[tuple[str, str]] = ("{instruction}\n\n{input}", "{output}")
+    class Config(InstructionInputOutput):
+        pass
 
     @staticmethod
     def load(cfg: Config, files: list[Path]) -> Loaded:
@@ -347,9 +353,8 @@ class SelfInstruct:
     """Self-Instruct tasks, JSONL {instruction, instances: [{input, output}]}: one sample per
     instance (seed tasks and user-oriented instructions alike)."""
 
-    class Config(SourceConfig):
-        FIELDS: ClassVar[tuple[str, ...]] = ("instruction", "input", "output")
-        DEFAULT: ClassVar[tuple[str, str]] = ("{instruction}\n\n{input}", "{output}")
+    class Config(InstructionInputOutput):
+        pass
 
     @staticmethod
     def load(cfg: Config, files: list[Path]) -> Loaded:
@@ -369,9 +374,8 @@ class Lima:
     """LIMA conversations (LLaMA-Factory layout): a JSON array of {instruction, input, output,
     history}, `history` being earlier [user, assistant] pairs."""
 
-    class Config(SourceConfig):
-        FIELDS: ClassVar[tuple[str, ...]] = ("instruction", "input", "output")
-        DEFAULT: ClassVar[tuple[str, str]] = ("{instruction}\n\n{input}", "{output}")
+    class Config(InstructionInputOutput):
+        pass
 
     @staticmethod
     def load(cfg: Config, files: list[Path]) -> Loaded:

@@ -217,8 +217,8 @@ def apply_override(data: dict, path: Path_, value: Any, origin: str = "<-o overr
     node: Any = data
     for i, part in enumerate(path[:-1]):
         nxt = _child(node, part, path[: i + 1], origin)
-        if nxt is None:
-            nxt = {}
+        if nxt is None:  # absent: create it; an absent list gets its first item only
+            nxt = _new_container(path, i + 1, origin)
             node[part] = nxt
         node = nxt
     last = path[-1]
@@ -233,6 +233,16 @@ def apply_override(data: dict, path: Path_, value: Any, origin: str = "<-o overr
     if smap is not None:
         smap.drop(path)
         smap.locations[path] = (origin, 0)
+
+
+def _new_container(path: Path_, i: int, origin: str) -> dict | list:
+    """The value to create at `path[:i]` so that `path[i]` can be set inside it."""
+    if not isinstance(path[i], int):
+        return {}
+    if path[i] == 0:  # `-o tracking.0.mode=offline` on a spec without `tracking:`
+        return [{}]
+    raise SpecError([SpecIssue(dotted(path[:i]), f"not set, so it has no item {path[i]}",
+                               origin, hint=f"set the whole list: -o '{dotted(path[:i])}=[...]'")])
 
 
 def _child(node: Any, part: Any, path: Path_, origin: str) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from retro.platform import api
 from tests.platform.helpers import cli, toy_spec
 
@@ -25,6 +27,17 @@ def test_components_and_show(tmp_path):
     assert res.returncode == 2 and "did you mean 'toy'" in res.stderr
     res = cli("components", "recipes")
     assert res.returncode == 2 and "did you mean 'recipe'" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("components", "recipe", "stage"), "Got unexpected extra argument"),
+    (("validate",), "Missing argument"),
+    (("bogus",), "No such command"),
+])
+def test_usage_errors_exit_2_with_usage_and_no_traceback(args, message):
+    res = cli(*args)
+    assert res.returncode == 2 and message in res.stderr and "Usage: retro" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_schema_covers_registered_components():

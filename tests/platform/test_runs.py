@@ -155,3 +155,22 @@ def test_omitted_fields_neither_reach_the_stage_nor_its_key(tmp_path):
     assert "offset" not in sources[0].params["all"] and "factor" in sources[0].params["all"]
     assert sources[0].key == sources[1].key
     assert plans[0].stages[-1].key != plans[1].stages[-1].key
+
+
+def test_secret_env_values_stay_out_of_run_files_and_store(tmp_path):
+    secret = "tk-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+    env = {"TOY_API_TOKEN": secret}
+    spec = toy_spec(tmp_path, recipe={"type": "toy", "label": "${env:TOY_API_TOKEN}"})
+    res = cli("run", spec, "-o", "description=key ${env:TOY_API_TOKEN}", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != spec]
+    assert any(p.name == "manifest.json" for p in written)
+    leaked = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    assert leaked == [] and secret not in res.stdout + res.stderr
+    run_dir = next((tmp_path / "runs").iterdir())
+    resolved = (run_dir / "resolved.yaml").read_text()
+    assert "label: ${env:TOY_API_TOKEN}" in resolved
+    # the kept file is still runnable: the placeholder reads the same secret, same keys
+    again = cli("run", run_dir / "resolved.yaml", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert len(done_keys(tmp_path / "runs")) == 3

@@ -57,12 +57,21 @@ def test_overrides_reach_nested_fields_and_list_items(tmp_path):
     assert loaded.spec.tracking[1].every == 3
 
 
+def test_list_item_override_on_an_absent_list_creates_its_first_item(tmp_path):
+    spec = write(tmp_path, "s.yaml", "name: x\nrecipe: toy\n")  # no `tracking:`
+    loaded = load_spec(spec, ["tracking.0.mode=offline"])
+    assert loaded.spec.tracking[0].type == "wandb" and loaded.spec.tracking[0].mode == "offline"
+    with pytest.raises(SpecError) as err:
+        load_spec(spec, ["tracking.2.mode=offline"])
+    assert "no item 2" in str(err.value) and "tracking=[" in str(err.value)
+
+
 def test_defaults_are_filled_and_dump_round_trips(tmp_path):
     spec = write(tmp_path, "s.yaml", "name: x\nrecipe: toy\n")
     loaded = load_spec(spec)
     dumped = loaded.spec.model_dump(mode="json")
     assert dumped["recipe"] == {"type": "toy", "n": 8, "factor": 2, "offset": 0, "sleep": 0.0,
-                                "fail": None}
+                                "fail": None, "label": ""}
     assert dumped["tracking"][0]["type"]  # the default tracker was chosen
     again = write(tmp_path, "again.yaml", __import__("yaml").safe_dump(dumped))
     assert load_spec(again).spec == loaded.spec

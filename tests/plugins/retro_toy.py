@@ -35,6 +35,8 @@ class ToyRecipe:
         """Seconds each stage sleeps (to kill runs mid-stage in tests)."""
         fail: Optional[str] = None
         """Name of a stage that raises."""
+        label: str = ""
+        """Free text the source stage reads (tests keep secrets out of run files with it)."""
 
     def __init__(self, config):
         self.config = config
@@ -50,7 +52,8 @@ class ToyRecipe:
     def stages(self, spec):
         common = {"sleep": "recipe.sleep", "fail": "recipe.fail"}
         return [
-            StageCall("source", "toy-source", reads={"n": "recipe.n", **common}),
+            StageCall("source", "toy-source", reads={"n": "recipe.n", "label": "recipe.label",
+                                                         **common}),
             StageCall("scale", "toy-scale", reads={"factor": "recipe.factor", **common},
                       inputs={"numbers": "source"}),
             StageCall("total", "toy-total", reads={"offset": "recipe.offset", **common},
