@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -211,19 +212,33 @@ def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: Resolve
                  res.num_workers, counts)
     summary = launch(job, num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker,
                      gpus_per_worker=res.gpus_per_worker, storage=ctx.work_dir,
-                     on_row=functools.partial(_forward, ctx))
+                     on_row=functools.partial(_forward, ctx, sched.steps, {}))
     for item in job.final_dir.iterdir():
         shutil.move(str(item), str(Path(ctx.out_dir) / item.name))
     return {**summary, **{f"params_{k}": v for k, v in counts.items()},
             "global_batch": sched.global_batch, "lr": sched.lr}
 
 
-def _forward(ctx: Any, row: dict[str, Any]) -> None:
+def _forward(ctx: Any, steps: int, progress: dict[str, Any], row: dict[str, Any]) -> None:
+    """Metrics rows -> the stage's metrics (and trackers); a progress line every 5% of steps."""
     kind, step = row.get("kind"), int(row.get("step", 0))
     if kind == "resume":
         ctx.log.info("resumed from the checkpoint at step %d", step)
         ctx.summary["resumed_from"] = step
+        progress["from"] = (step, time.time())   # the rate counts this attempt's steps only
         return
+    if kind == "train":  # the clock starts at the first step (workers may wait for CPUs)
+        progress.setdefault("from", (step, time.time()))
+    if kind == "train" and (step % max(1, steps // 20) == 0 or step == steps):
+        first, since = progress["from"]
+        rate = (step - first) / max(time.time() - since, 1e-9)
+        eta = (steps - step) / rate if rate > 0 else float("nan")
+        ctx.log.info("%s step %d/%d (%d%%) loss %.4f, %.0f tokens/s, eta %.0fs", ctx.name, step,
+                     steps, 100 * step // steps, row.get("loss", float("nan")),
+                     row.get("tokens_per_s", 0.0), eta)
+    elif kind == "eval":
+        ctx.log.info("%s step %d/%d val_loss %.4f val_ppl %.1f", ctx.name, step, steps,
+                     row.get("val_loss", float("nan")), row.get("val_ppl", float("nan")))
     keys = ("loss", "lr", "grad_norm", "tokens_per_s") if kind == "train" \
         else ("val_loss", "val_ppl")
     ctx.log_metrics(step=step, **{k: row[k] for k in keys if k in row})
