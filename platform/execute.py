@@ -98,23 +98,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest) -> list:
-    """Run `fn` over `items` as Ray tasks, at most `res.num_workers` at a time, in order."""
+def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest,
+                      on_result: Any = None) -> list:
+    """Run `fn` over `items` as Ray tasks, at most `res.num_workers` at a time, in order;
+    `on_result(i, result)` as each one finishes."""
     import ray
 
     if not ray.is_initialized():
-        return [fn(x) for x in items]
+        out = [fn(x) for x in items]
+        for i, r in enumerate(out if on_result else ()):
+            on_result(i, r)
+        return out
     task = ray.remote(fn).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
                                   max_retries=0)
-    refs, results, inflight = [], {}, {}
+    results, inflight = {}, {}
+
+    def collect(refs: list) -> None:
+        for ref in refs:
+            i = inflight.pop(ref)
+            results[i] = ray.get(ref)
+            if on_result is not None:
+                on_result(i, results[i])
+
     for i, item in enumerate(items):
         if len(inflight) >= res.num_workers:
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in done:
-                results[inflight.pop(ref)] = ray.get(ref)
-        ref = task.remote(item)
-        inflight[ref] = i
-        refs.append(ref)
-    for ref, i in inflight.items():
-        results[i] = ray.get(ref)
+            collect(ray.wait(list(inflight), num_returns=1)[0])
+        inflight[task.remote(item)] = i
+    while inflight:
+        collect(ray.wait(list(inflight), num_returns=1)[0])
     return [results[i] for i in range(len(items))]

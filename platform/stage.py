@@ -90,15 +90,22 @@ class StageContext:
     _step: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
 
-    def parallel_map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list:
+    def parallel_map(self, fn: Callable[[Any], Any], items: Iterable[Any],
+                     on_result: Callable[[int, Any], None] | None = None) -> list:
         """`[fn(x) for x in items]`, spread over `resources.num_workers` Ray tasks when > 1.
 
         `fn` must be a module-level function (it is pickled to workers); results keep order.
+        `on_result(i, result)` runs in this process as each item finishes (e.g. progress).
         """
         items = list(items)
         if self._parallel_map is None or self.resources.num_workers <= 1 or len(items) <= 1:
-            return [fn(x) for x in items]
-        return self._parallel_map(fn, items, self.resources)
+            out = []
+            for i, x in enumerate(items):
+                out.append(fn(x))
+                if on_result is not None:
+                    on_result(i, out[-1])
+            return out
+        return self._parallel_map(fn, items, self.resources, on_result)
 
     def log_metrics(self, step: int | None = None, **metrics: float) -> None:
         """Stream metrics: to `metrics.jsonl` in the artifact (the local mirror) and trackers."""

@@ -69,18 +69,13 @@ def shard_count(ctx: Any, n_items: int, max_items_per_shard: int) -> int:
 
 def run_shards(ctx: Any, fn: Callable[[Any], Any], items: Sequence[Any], sizes: Sequence[int],
                desc: str) -> list:
-    """`ctx.parallel_map(fn, items)` in waves, so the stage log shows progress.
+    """`ctx.parallel_map(fn, items)`, the stage log counting `sizes[i]` as item i finishes.
 
     Returns:
         Results in item order.
     """
-    wave = max(1, 2 * ctx.resources.num_workers)
-    out: list = []
     with ctx.progress(sum(sizes), desc) as bar:
-        for i in range(0, len(items), wave):
-            out += ctx.parallel_map(fn, list(items[i:i + wave]))
-            bar.update(sum(sizes[i:i + wave]))
-    return out
+        return ctx.parallel_map(fn, list(items), on_result=lambda i, _: bar.update(sizes[i]))
 
 
 def done_marker(work: Path, name: str) -> Path:

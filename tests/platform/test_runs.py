@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections import Counter
@@ -174,3 +175,28 @@ def test_secret_env_values_stay_out_of_run_files_and_store(tmp_path):
     again = cli("run", run_dir / "resolved.yaml", cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
     assert len(done_keys(tmp_path / "runs")) == 3
+
+
+def _square_item_0_last(job):
+    """Item 0 waits until the last item has run, so it finishes after all the others."""
+    x, marker, last = job
+    deadline = time.time() + 120                       # fail, never hang, if run serially
+    while x == 0 and not os.path.exists(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    if x == last:
+        open(marker, "w").close()
+    return x * x
+
+
+def test_ray_parallel_map_reports_each_item_as_it_finishes_and_keeps_order(tmp_path,
+                                                                           ray_session):
+    from retro.platform.execute import _ray_parallel_map
+    from retro.platform.spec.model import ResourceRequest
+
+    seen = []
+    jobs = [(x, str(tmp_path / "last-ran"), 4) for x in range(5)]
+    out = _ray_parallel_map(_square_item_0_last, jobs,
+                            ResourceRequest(num_workers=2, cpus_per_worker=0.5),
+                            lambda i, r: seen.append((i, r)))
+    assert out == [0, 1, 4, 9, 16]                      # results keep the items' order
+    assert seen[-1] == (0, 0) and sorted(seen) == [(i, i * i) for i in range(5)]
