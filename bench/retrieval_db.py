@@ -250,6 +250,8 @@ def cmd_qa(args):
     for kind in ("dense", "bm25"):
         arts = _full_artifacts(args, kind)
         node = sections(retriever_type=kind)["retriever"]
+        if kind == "dense":  # the defaults the build's embed stage ran with
+            node["embedder"] = {"type": "hf-mean-pool"}
         spec = type("S", (), {"retriever": type("R", (), {"type": kind})})
         retriever = Retriever.from_artifacts(
             node, {slot: arts[c] for slot, c in retriever_inputs(spec).items()})
