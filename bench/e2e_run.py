@@ -43,11 +43,12 @@ def main() -> None:
         e = json.loads(line)
         if e["event"] == "started":
             started[e["id"]] = e["time"]
-        elif e["event"] == "done":
-            rows.append((e["id"], e["time"] - started.get(e["id"], e["time"])))
-    print(f"\n{'stage':40s} {'seconds':>8s}")
-    for sid, sec in rows:
-        print(f"{sid:40s} {sec:8.1f}")
+        elif e["event"] == "done":  # `seconds`: the stage's own run; the rest: waiting for CPUs
+            rows.append((e["id"], e["time"] - started.get(e["id"], e["time"]),
+                         e.get("seconds", float("nan"))))
+    print(f"\n{'stage':40s} {'started->done':>13s} {'ran':>8s}")
+    for sid, wall, ran in rows:
+        print(f"{sid:40s} {wall:13.1f} {ran:8.1f}")
     print(f"\nTOTAL wall time {total:.0f} s ({total / 60:.1f} min), {len(rows)} stages, "
           f"fresh store; spec {args.spec}")
     rep = subprocess.run([str(RETRO), "report", str(run_dir), "--out", str(tmp / "report")],
