@@ -36,7 +36,7 @@ class QueryEncoder:
         self.config = self.embedder.config
         self.model = self.embedder._model.to(device)
         self.tokenizer = self.embedder._tokenizer
-        self.device = device
+        self.device = self.embedder.device = device     # where `pool` sends its inputs
 
     def parameters(self) -> Any:
         return self.model.parameters()
@@ -47,26 +47,9 @@ class QueryEncoder:
 
     def __call__(self, texts: list[str]) -> Any:
         """Embeddings [n, d] (torch, with gradient when the model trains)."""
-        import torch
-
         enc = self.embedder.tokenize(list(texts))
-        ids, special = enc["input_ids"], enc["special_tokens_mask"]
-        width = max(len(x) for x in ids)
-        x = torch.zeros((len(ids), width), dtype=torch.long)
-        attn = torch.zeros_like(x)
-        keep = torch.zeros((len(ids), width), dtype=torch.bool)
-        for j, (row, sp) in enumerate(zip(ids, special)):
-            x[j, :len(row)] = torch.tensor(row)
-            attn[j, :len(row)] = 1
-            keep[j, :len(row)] = (torch.tensor(sp) == 0) if self.config.exclude_special_tokens \
-                else True
-        hidden = self.model(input_ids=x.to(self.device),
-                            attention_mask=attn.to(self.device)).last_hidden_state
-        w = keep.to(hidden.device, hidden.dtype).unsqueeze(-1)          # [n, t, 1]
-        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1)            # [n, d]
-        if self.config.normalize:
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-        return pooled
+        return self.embedder.pool(*self.embedder.pad(enc["input_ids"],
+                                                     enc["special_tokens_mask"]))
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings [n, d] float32 without gradient (eval mode is left as set)."""

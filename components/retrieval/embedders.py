@@ -144,27 +144,36 @@ class HFMeanPoolEmbedder:
         bs = self.config.batch_size
         for a in range(0, len(order), bs):
             rows = order[a:a + bs]
-            width = max(len(ids[i]) for i in rows)
-            x = torch.zeros((len(rows), width), dtype=torch.long)
-            keep = torch.zeros((len(rows), width), dtype=torch.bool)
-            attn = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(rows):
-                n = len(ids[i])
-                x[j, :n] = torch.tensor(ids[i])
-                attn[j, :n] = 1
-                keep[j, :n] = (torch.tensor(special[i]) == 0) if self.config.exclude_special_tokens \
-                    else True
-            out[rows] = self._pool(x, attn, keep)
+            batch = self.pad([ids[i] for i in rows], [special[i] for i in rows])
+            with torch.inference_mode():
+                out[rows] = self.pool(*batch).float().cpu().numpy()
         return out
 
-    def _pool(self, ids, attn, keep) -> np.ndarray:
+    def pad(self, ids: list[list[int]], special: list[list[int]]) -> tuple:
+        """Right-padded (input_ids, attention_mask, pooling mask) tensors of one batch; the
+        pooling mask leaves out special tokens when `exclude_special_tokens`."""
         import torch
 
-        with torch.inference_mode():
-            hidden = self._model(input_ids=ids.to(self.device),
-                                 attention_mask=attn.to(self.device)).last_hidden_state
-            w = keep.to(hidden.device, hidden.dtype).unsqueeze(-1)     # [b, n, 1]
-            pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1)       # [b, d]
-            if self.config.normalize:
-                pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-        return pooled.float().cpu().numpy()
+        width = max(len(row) for row in ids)
+        x = torch.zeros((len(ids), width), dtype=torch.long)
+        attn = torch.zeros((len(ids), width), dtype=torch.long)
+        keep = torch.zeros((len(ids), width), dtype=torch.bool)
+        for j, (row, sp) in enumerate(zip(ids, special)):
+            x[j, :len(row)] = torch.tensor(row)
+            attn[j, :len(row)] = 1
+            keep[j, :len(row)] = (torch.tensor(sp) == 0) if self.config.exclude_special_tokens \
+                else True
+        return x, attn, keep
+
+    def pool(self, ids: Any, attn: Any, keep: Any) -> Any:
+        """Mean over the kept tokens (optionally L2-normalised): torch [b, d], with gradient
+        when the caller allows it."""
+        import torch
+
+        hidden = self._model(input_ids=ids.to(self.device),
+                             attention_mask=attn.to(self.device)).last_hidden_state
+        w = keep.to(hidden.device, hidden.dtype).unsqueeze(-1)         # [b, n, 1]
+        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1)           # [b, d]
+        if self.config.normalize:
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return pooled
