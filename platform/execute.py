@@ -13,7 +13,7 @@ from retro.platform.errors import StageFailed, UserError
 from retro.platform.plan import PlannedStage
 from retro.platform.registry import registry
 from retro.platform.spec.model import ResourceRequest
-from retro.platform.stage import StageContext, stage_logger
+from retro.platform.stage import StageContext, serial_map, stage_logger
 from retro.platform.store import ArtifactStore
 from retro.platform.secrets import redact, restore_env_placeholders
 from retro.platform.tracking import TrackingInfo, build_trackers
@@ -105,10 +105,7 @@ def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest,
     import ray
 
     if not ray.is_initialized():
-        out = [fn(x) for x in items]
-        for i, r in enumerate(out if on_result else ()):
-            on_result(i, r)
-        return out
+        return serial_map(fn, items, on_result)
     task = ray.remote(fn).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
                                   max_retries=0)
     results, inflight = {}, {}

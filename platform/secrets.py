@@ -30,28 +30,25 @@ def redact(value: Any, secrets: list[str] | dict[str, str] | None = None) -> Any
     """For logs and trackers: `<redacted>` for values under secret-looking keys (api_key,
     token, ...) and for every occurrence of a secret environment variable's value."""
     secrets = env_secrets() if secrets is None else secrets
-    if isinstance(value, dict):
-        return {k: (REDACTED if SECRET_NAME.search(str(k)) else redact(v, secrets))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, secrets) for v in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-    return value
+    return _rewrite(value, {s: REDACTED for s in secrets}, redact_keys=True)
 
 
 def restore_env_placeholders(value: Any, secrets: dict[str, str] | None = None) -> Any:
     """For files a run keeps (resolved.yaml, plan.json, manifests): put `${env:NAME}` back
     where a secret environment variable's value was interpolated, so the file stays runnable."""
     secrets = env_secrets() if secrets is None else secrets
-    if not secrets:
-        return value
+    return _rewrite(value, {v: "${env:%s}" % name for v, name in secrets.items()},
+                    redact_keys=False)
+
+
+def _rewrite(value: Any, replace: dict[str, str], redact_keys: bool) -> Any:
+    """`value` with every string's occurrences of `replace`'s keys replaced (in its order)."""
     if isinstance(value, dict):
-        return {k: restore_env_placeholders(v, secrets) for k, v in value.items()}
+        return {k: (REDACTED if redact_keys and SECRET_NAME.search(str(k))
+                    else _rewrite(v, replace, redact_keys)) for k, v in value.items()}
     if isinstance(value, list):
-        return [restore_env_placeholders(v, secrets) for v in value]
+        return [_rewrite(v, replace, redact_keys) for v in value]
     if isinstance(value, str):
-        for secret, name in secrets.items():
-            value = value.replace(secret, "${env:%s}" % name)
+        for old, new in replace.items():
+            value = value.replace(old, new)
     return value

@@ -99,12 +99,7 @@ class StageContext:
         """
         items = list(items)
         if self._parallel_map is None or self.resources.num_workers <= 1 or len(items) <= 1:
-            out = []
-            for i, x in enumerate(items):
-                out.append(fn(x))
-                if on_result is not None:
-                    on_result(i, out[-1])
-            return out
+            return serial_map(fn, items, on_result)
         return self._parallel_map(fn, items, self.resources, on_result)
 
     def log_metrics(self, step: int | None = None, **metrics: float) -> None:
@@ -119,6 +114,17 @@ class StageContext:
     def progress(self, total: int | None, desc: str) -> "Progress":
         """A progress counter written to the stage log (and stderr when interactive)."""
         return Progress(total, desc, self.log)
+
+
+def serial_map(fn: Callable[[Any], Any], items: list,
+               on_result: Callable[[int, Any], None] | None = None) -> list:
+    """`parallel_map` in this process."""
+    out = []
+    for i, x in enumerate(items):
+        out.append(fn(x))
+        if on_result is not None:
+            on_result(i, out[-1])
+    return out
 
 
 class Progress:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retro.platform.registry import registry
-from retro.platform.secrets import redact  # noqa: F401 - re-exported for trackers
+from retro.platform.secrets import redact
 from retro.platform.store import Artifact
 
 

@@ -134,7 +134,7 @@ class WandbTracker:
         """Log `artifact` (a store Artifact) with its inputs `lineage` (slot -> "stage/key")."""
         if self.run is None or not self.config.log_artifacts:
             return
-        from retro.platform.tracking import redact
+        from retro.platform.secrets import redact
 
         try:
             manifest = artifact.manifest

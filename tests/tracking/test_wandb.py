@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from retro.components.trackers.wandb_tracker import resolve_mode
-from retro.platform.tracking import redact
+from retro.platform.secrets import redact
 from tests.tracking.conftest import SECRET
 
 
