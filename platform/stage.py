@@ -111,9 +111,10 @@ class StageContext:
             fh.write(json.dumps(row, default=float) + "\n")
         self.tracker.log_metrics(metrics, step=step)
 
-    def progress(self, total: int | None, desc: str) -> "Progress":
+    def progress(self, total: int | None, desc: str, every_s: float = 2.0,
+                 start: int = 0) -> "Progress":
         """A progress counter written to the stage log (and stderr when interactive)."""
-        return Progress(total, desc, self.log)
+        return Progress(total, desc, self.log, every_s=every_s, start=start)
 
 
 def serial_map(fn: Callable[[Any], Any], items: list,
@@ -130,23 +131,28 @@ def serial_map(fn: Callable[[Any], Any], items: list,
 class Progress:
     """Throttled progress lines: `embed: 12000/48000 (25%) 410/s eta 88s`."""
 
-    def __init__(self, total: int | None, desc: str, log: logging.Logger, every_s: float = 2.0):
+    def __init__(self, total: int | None, desc: str, log: logging.Logger, every_s: float = 2.0,
+                 start: int = 0):
+        """`start`: work already done before this counter (a resumed stage); it counts towards
+        the total but not towards the rate."""
         self.total, self.desc, self.log, self.every_s = total, desc, log, every_s
-        self.done, self.t0, self.last = 0, time.time(), 0.0
+        self.start = self.done = start
+        self.t0, self.last = time.time(), 0.0
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, note: str = "") -> None:
+        """Count `n` more; a line (with `note` appended) at most every `every_s` and at the end."""
         self.done += n
         now = time.time()
         if now - self.last >= self.every_s or (self.total and self.done >= self.total):
             self.last = now
-            self.log.info(self.line())
+            self.log.info(self.line() + (f", {note}" if note else ""))
 
     def line(self) -> str:
-        rate = self.done / max(time.time() - self.t0, 1e-9)
+        rate = (self.done - self.start) / max(time.time() - self.t0, 1e-9)
         if self.total:
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            eta = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "?"
             return (f"{self.desc}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"
-                    f" {rate:.0f}/s eta {eta:.0f}s")
+                    f" {rate:.0f}/s eta {eta}")
         return f"{self.desc}: {self.done} {rate:.0f}/s"
 
     def __enter__(self) -> "Progress":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -220,22 +219,21 @@ def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: Resolve
 
 
 def _forward(ctx: Any, steps: int, progress: dict[str, Any], row: dict[str, Any]) -> None:
-    """Metrics rows -> the stage's metrics (and trackers); a progress line every 5% of steps."""
+    """Metrics rows -> the stage's metrics (and trackers); progress lines in the stage log."""
     kind, step = row.get("kind"), int(row.get("step", 0))
     if kind == "resume":
         ctx.log.info("resumed from the checkpoint at step %d", step)
         ctx.summary["resumed_from"] = step
-        progress["from"] = (step, time.time())   # the rate counts this attempt's steps only
+        progress.pop("bar", None)  # rows before this one replay the earlier attempt's history
         return
-    if kind == "train":  # the clock starts at the first step (workers may wait for CPUs)
-        progress.setdefault("from", (step, time.time()))
-    if kind == "train" and (step % max(1, steps // 20) == 0 or step == steps):
-        first, since = progress["from"]
-        rate = (step - first) / max(time.time() - since, 1e-9)
-        eta = (steps - step) / rate if rate > 0 else float("nan")
-        ctx.log.info("%s step %d/%d (%d%%) loss %.4f, %.0f tokens/s, eta %.0fs", ctx.name, step,
-                     steps, 100 * step // steps, row.get("loss", float("nan")),
-                     row.get("tokens_per_s", 0.0), eta)
+    if kind == "train":
+        note = (f"loss {row.get('loss', float('nan')):.4f}, "
+                f"{row.get('tokens_per_s', 0.0):.0f} tokens/s")
+        if "bar" not in progress:  # the clock starts at the first step (workers may wait for CPUs)
+            progress["bar"] = ctx.progress(steps, f"{ctx.name} steps", every_s=30.0, start=step)
+            progress["bar"].update(0, note)
+        else:
+            progress["bar"].update(1, note)
     elif kind == "eval":
         ctx.log.info("%s step %d/%d val_loss %.4f val_ppl %.1f", ctx.name, step, steps,
                      row.get("val_loss", float("nan")), row.get("val_ppl", float("nan")))

@@ -100,7 +100,8 @@ def test_training_stages_end_to_end_resuming_a_killed_run(ray_session, shared_da
     assert summary["resumed_from"] >= EVERY and summary["steps"] == FIT_STEPS
     log = next(record.log_dir.glob("retro-fit*.log")).read_text()
     assert f"resumed from the checkpoint at step {summary['resumed_from']}" in log
-    assert f"retro-fit step {FIT_STEPS}/{FIT_STEPS} (100%) loss" in log   # progress lines
+    last_progress = [ln for ln in log.splitlines() if "retro-fit steps: " in ln][-1]
+    assert f"steps: {FIT_STEPS}/{FIT_STEPS} (100%)" in last_progress and "loss" in last_progress
     rows = [json.loads(line) for line in (fit / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "loss" in r]
     assert train_steps == list(range(1, FIT_STEPS + 1))    # the whole history, each step once
