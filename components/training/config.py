@@ -1,8 +1,8 @@
 """Trainer configs: the `pretrain` section (`type: lm`) and the pieces `instruct` shares with it.
 
 A `Schedule` field left unset (None) takes the value the model's size preset carries from the
-papers (REFERENCE §3 tables), and failing that the fallback in `FALLBACK`; `resolve()` does that
-once, in the stage, and the resolved numbers go into the artifact manifest.
+papers (REFERENCE §3 tables), and failing that the fallback in `FALLBACK`; `resolve_schedule()`
+does that once, in the stage, and the resolved numbers go into the artifact manifest.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ class Schedule(StrictModel):
     """Length, batch, optimizer and LR schedule of one training phase (AdamW)."""
 
     steps: Optional[int] = Field(None, ge=1)
-    """Optimizer steps. Give `steps` or `tokens` (or neither: the preset's value)."""
+    """Optimizer steps. Give one of `steps`, `samples`, `tokens` (or none: the preset's
+    length, kept in samples). A length set here ends the decay at the last step unless
+    `decay_steps` / `decay_samples` is set too."""
+    samples: Optional[int] = Field(None, ge=1)
+    """Training sequences (Megatron's --train-samples); steps = samples // global_batch."""
     tokens: Optional[int] = Field(None, ge=1)
     """Training tokens; steps = ceil(tokens / (global_batch * seq_length))."""
     global_batch: Optional[int] = Field(None, ge=1)
@@ -37,11 +41,17 @@ class Schedule(StrictModel):
     """Learning rate at the end of the decay (and after it)."""
     warmup: Optional[Union[int, float]] = None
     """Warmup: an int is a number of steps, a float in [0, 1] a fraction of `steps`."""
+    warmup_samples: Optional[int] = Field(None, ge=0)
+    """Warmup in sequences (Megatron's --lr-warmup-samples): round(samples / global_batch)
+    steps, so it keeps its length in data when the batch changes."""
     decay: Optional[Literal["cosine", "linear", "constant"]] = None
     """Decay from `lr` to `min_lr` after warmup (default cosine)."""
     decay_steps: Optional[int] = Field(None, ge=1)
-    """Step at which the decay reaches `min_lr` (Megatron's lr-decay-samples / batch);
-    None: the last step."""
+    """Step at which the decay reaches `min_lr`; None: `decay_samples`, else the last step
+    (or the preset's decay when the length is the preset's too)."""
+    decay_samples: Optional[int] = Field(None, ge=1)
+    """The decay's end in sequences (Megatron's --lr-decay-samples):
+    ceil(samples / global_batch) steps."""
     weight_decay: Optional[float] = Field(None, ge=0)
     """AdamW weight decay (not applied to biases, norms and other 1-D tensors)."""
     betas: Optional[tuple[float, float]] = None
@@ -51,8 +61,13 @@ class Schedule(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Schedule":
-        if self.steps is not None and self.tokens is not None:
-            raise ValueError("give `steps` or `tokens`, not both")
+        lengths = [k for k in ("steps", "samples", "tokens") if getattr(self, k) is not None]
+        if len(lengths) > 1:
+            raise ValueError(f"give one of `steps`, `samples`, `tokens`, not {lengths}")
+        if self.warmup is not None and self.warmup_samples is not None:
+            raise ValueError("give `warmup` (steps or a fraction) or `warmup_samples`, not both")
+        if self.decay_steps is not None and self.decay_samples is not None:
+            raise ValueError("give `decay_steps` or `decay_samples`, not both")
         if isinstance(self.warmup, float) and not 0 <= self.warmup <= 1:
             raise ValueError(f"warmup {self.warmup} as a float is a fraction of the steps: "
                              "use a value in [0, 1], or an int for a number of steps")
@@ -79,6 +94,22 @@ class ResolvedSchedule:
     weight_decay: float
     betas: tuple[float, float]
     grad_clip: float
+    seq_length: Optional[int] = None
+    """Tokens per sequence, when known (for `tokens`)."""
+
+    @property
+    def samples(self) -> int:
+        return self.steps * self.global_batch
+
+    @property
+    def tokens(self) -> Optional[int]:
+        return None if self.seq_length is None else self.samples * self.seq_length
+
+    def summary(self) -> str:
+        """One line for `retro plan` and logs: every value that shapes the LR curve."""
+        return (f"{self.steps:,} steps x {self.global_batch} seqs, lr {self.lr:.3g} -> "
+                f"{self.min_lr:.3g} {self.decay}, warmup {self.warmup_steps:,} steps, decay "
+                f"ends at step {self.decay_steps:,}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate used by optimizer step `step` (0-based): linear warmup, then decay."""
@@ -95,37 +126,71 @@ class ResolvedSchedule:
         return self.min_lr + coeff * (self.lr - self.min_lr)
 
 
-def resolve(schedule: Schedule, seq_length: int, *defaults: dict[str, Any]) -> ResolvedSchedule:
-    """Fill the unset fields of `schedule` from `defaults` (in order), then from `FALLBACK`.
+LENGTH_FIELDS = ("steps", "samples", "tokens")
+
+
+def resolve_schedule(schedule: Schedule, seq_length: int,
+                     *defaults: dict[str, Any]) -> ResolvedSchedule:
+    """Every effective value of a training phase's schedule, from the spec, then `defaults`
+    (in order, e.g. the model preset's paper values), then `FALLBACK`.
+
+    Warmup, decay and a default's length are amounts of data (samples, as Megatron counts
+    them), converted to steps with the resolved global batch, so changing the batch keeps
+    them. A length the spec sets (`steps`/`samples`/`tokens`) ends the decay at the last
+    step, unless the spec also sets the decay; a default's decay only goes with a default's
+    length.
 
     Args:
         schedule: the spec's schedule block.
-        seq_length: tokens per sequence, to turn `tokens` into steps.
-        defaults: dicts of Schedule field names -> values, e.g. the model preset's paper values.
+        seq_length: tokens per sequence (turns `tokens` into steps).
+        defaults: dicts of Schedule field names -> values; a default may also carry `steps`
+            with the `global_batch` it was written for (converted to samples).
 
     Returns:
-        The fully decided schedule.
+        The fully decided schedule (pure: same inputs, same result).
     """
     given = {k: v for k, v in schedule.model_dump().items() if v is not None}
-    merged: dict[str, Any] = dict(FALLBACK)
-    for d in reversed(defaults):
-        merged.update({k: v for k, v in d.items() if v is not None})
-    merged.update(given)
-    global_batch = int(merged["global_batch"])
-    # Length: the spec's steps/tokens, else the first default that has one, else FALLBACK.
-    length = next((d for d in (given, *defaults) if "steps" in d or "tokens" in d),
-                  {"steps": FALLBACK["steps"]})
-    steps = (int(length["steps"]) if "steps" in length
-             else math.ceil(float(length["tokens"]) / (global_batch * seq_length)))
-    warmup = merged["warmup"]
-    warmup_steps = int(warmup) if isinstance(warmup, int) else int(round(warmup * steps))
-    lr = float(merged["lr"])
+    sources = [given, *({k: v for k, v in d.items() if v is not None} for d in defaults),
+               dict(FALLBACK)]
+
+    def first(*keys: str, upto: int = len(sources)) -> tuple[Optional[str], Any]:
+        for src in sources[:upto]:
+            for k in keys:
+                if k in src:
+                    return k, src[k]
+        return None, None
+
+    global_batch = int(first("global_batch")[1])
+    at = next(i for i, src in enumerate(sources) if any(k in src for k in LENGTH_FIELDS))
+    length = sources[at]
+    if "steps" in length and (at == 0 or at == len(sources) - 1):   # the spec's, FALLBACK's
+        steps = int(length["steps"])
+    elif "steps" in length or "samples" in length:   # a default's steps: samples at its batch
+        samples = int(length.get("samples") or length["steps"] * length.get("global_batch",
+                                                                            global_batch))
+        steps = samples // global_batch
+    else:
+        steps = math.ceil(float(length["tokens"]) / (global_batch * seq_length))
+    steps = max(steps, 1)
+    key, warmup = first("warmup", "warmup_samples")
+    if key == "warmup_samples":
+        warmup_steps = int(round(int(warmup) / global_batch))
+    else:
+        warmup_steps = int(warmup) if isinstance(warmup, int) else int(round(warmup * steps))
+    key, decay = first("decay_steps", "decay_samples", upto=at + 1)
+    decay_steps = (steps if key is None else int(decay) if key == "decay_steps"
+                   else math.ceil(int(decay) / global_batch))
+    lr = float(first("lr")[1])
     return ResolvedSchedule(
-        steps=steps, global_batch=global_batch, lr=lr, min_lr=min(float(merged["min_lr"]), lr),
-        warmup_steps=min(warmup_steps, steps), decay=merged["decay"],
-        decay_steps=max(int(merged.get("decay_steps") or steps), 1),
-        weight_decay=float(merged["weight_decay"]), betas=tuple(merged["betas"]),
-        grad_clip=float(merged["grad_clip"]))
+        steps=steps, global_batch=global_batch, lr=lr, min_lr=min(float(first("min_lr")[1]), lr),
+        warmup_steps=min(warmup_steps, steps), decay=first("decay")[1],
+        decay_steps=max(decay_steps, 1), weight_decay=float(first("weight_decay")[1]),
+        betas=tuple(first("betas")[1]), grad_clip=float(first("grad_clip")[1]),
+        seq_length=seq_length)
+
+
+resolve = resolve_schedule
+"""The former name (callers outside the training stages use it)."""
 
 
 class RunSettings(StrictModel):
