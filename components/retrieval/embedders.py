@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field
 
+from retro.components.precision import Precision, autocast, resolve_precision
 from retro.platform.errors import InputDataError
 from retro.platform.registry import StrictModel, register
 from retro.platform.spec.types import DataPath
@@ -53,6 +54,11 @@ class HFMeanPoolEmbedder:
         """Storage dtype of the embeddings memmap (float16 halves disk; search uses float32)."""
         sort_window: int = Field(16, ge=1)
         """Length sorting happens within windows of sort_window x batch_size texts."""
+        precision: Precision = "auto"
+        """Encoder compute precision: `auto` (bf16 autocast where the hardware computes bf16
+        fast: AMX / AVX512-BF16 CPUs, CUDA compute capability >= 8.0; else fp32), `bf16` or
+        `fp32`. Embeddings are pooled and stored as float32/`dtype` either way. An `auto` index
+        built on a bf16 machine is bf16 for everyone sharing the store (docs/precision.md)."""
 
     def __init__(self, config: Any):
         self.config = config
@@ -110,6 +116,7 @@ class HFMeanPoolEmbedder:
         if self.device == "cuda" and self.config.dtype == "float16":
             model = model.half()
         self._model = model.to(self.device).eval()
+        self.precision = resolve_precision(self.config.precision, self.device)
 
     @property
     def tokenizer(self):
@@ -145,7 +152,7 @@ class HFMeanPoolEmbedder:
         for a in range(0, len(order), bs):
             rows = order[a:a + bs]
             batch = self.pad([ids[i] for i in rows], [special[i] for i in rows])
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(self.precision, self.device):
                 out[rows] = self.pool(*batch).float().cpu().numpy()
         return out
 

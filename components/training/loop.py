@@ -105,7 +105,8 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     train_rows = job.train_data()
     val_rows = job.val_data() if job.val_data and run.eval_batches else None
     sampler = GlobalBatchSampler(len(train_rows), sched.global_batch, job.seed)
-    autocast = _autocast(device, run.precision)
+    precision = _resolve_precision(run.precision, device, log)
+    autocast = _autocast(device, precision)
     for step in range(start, sched.steps):
         t0 = time.perf_counter()
         lr = sched.lr_at(step)
@@ -139,7 +140,8 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
         if done % run.checkpoint_interval == 0 or done == sched.steps:
             _checkpoint(runtime, wrapped, optimizer, job, done, last_metrics, metrics)
     _export(job, wrapped, rank, sharded=run.fsdp and world > 1)
-    return {"steps": sched.steps, "resumed_from": start, **last_metrics}
+    return {"steps": sched.steps, "resumed_from": start, "precision": precision,
+            **last_metrics}
 
 
 def evaluate(model: Any, rows: TokenRows, run: RunSettings, global_batch: int, rank: int,
@@ -153,7 +155,7 @@ def evaluate(model: Any, rows: TokenRows, run: RunSettings, global_batch: int, r
     count = torch.zeros((), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), _autocast(device, run.precision):
+    with torch.no_grad(), _autocast(device, _resolve_precision(run.precision, device)):
         for start in range(0, len(idx), run.micro_batch):
             mb = rows.batch(idx[start:start + run.micro_batch])
             total += _loss_sum(model, mb, device).double().cpu()
@@ -176,12 +178,25 @@ def _device() -> Any:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device: Any, precision: str) -> Any:
-    import torch
+def _resolve_precision(requested: str, device: Any, log: "_MetricsWriter | None" = None) -> str:
+    """The spec's precision on this worker's device; rank 0 tells the stage (a `precision`
+    row: the stage log shows it, with the warning for bf16 on hardware without fast bf16)."""
+    from retro.components.precision import hardware_text, precision_warning, resolve_precision
 
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    resolved = resolve_precision(requested, device)
+    if log is not None:
+        log.write({"kind": "precision", "requested": requested, "precision": resolved,
+                   "hardware": hardware_text(device.type),
+                   "warning": precision_warning(requested, device)})
+    return resolved
+
+
+def _autocast(device: Any, precision: str) -> Any:
+    """bf16 autocast on CPU and GPU alike (fp32 master weights and optimizer state; the loss
+    is computed from fp32 logits in `_loss_sum`)."""
+    from retro.components.precision import autocast
+
+    return autocast(precision, device)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
