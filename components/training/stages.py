@@ -18,60 +18,12 @@ from retro.components.training.config import LMTrainer, ResolvedSchedule, resolv
 from retro.components.training.data import NpyRows
 from retro.components.training.loop import TrainJob
 from retro.platform.errors import UserError
-from retro.platform.spec.node import Node, NodeFields
-from retro.platform.stage import Slot, StageContext, StageParams, stage
-
-# What each stage's result depends on (positive lists): the decoder's dims and init for a GPT;
-# the freeze policy too for gpt-fit (a frozen decoder does not train); everything for Retro.
-DECODER = ("preset", "overrides", "init", "init_gguf")
-TRAIN = ("seq_length", "micro_batch", "eval_interval", "eval_batches", "precision")
-
-
-class GptPretrainParams(StageParams):
-    model: NodeFields("model", *DECODER)
-    """The decoder's dims and init."""
-    pretrain: NodeFields("trainer", *TRAIN, "gpt")
-    """The trainer settings and the `gpt` schedule."""
-
-
-class RetroFitParams(StageParams):
-    model: Node("model")
-    """The whole model node: decoder, Retro encoder and CCA, freeze policy."""
-    pretrain: NodeFields("trainer", *TRAIN, "fit")
-    """The trainer settings and the `fit` schedule."""
-    num_neighbours: Optional[int] = None
-    """Neighbours per chunk fed to the encoder (the first n saved); None: all."""
-
-
-class GptFitParams(StageParams):
-    model: NodeFields("model", *DECODER, "freeze")
-    """The decoder's dims and init, and the freeze policy."""
-    pretrain: NodeFields("trainer", *TRAIN, "fit")
-    """The trainer settings and the `fit` schedule (the same as retro-fit's)."""
-
-
-DATA = {"sequences": "training sequences (sequences-train)",
-        "valid_sequences": Slot("validation sequences (sequences-valid)", optional=True),
-        "tokenizer": "the decoder tokenizer (tokenizer)"}
-INIT = {"init": Slot("the GPT to continue from (gpt-pretrain, import-gguf); else model.init",
-                     optional=True)}
-RETRIEVAL = {"neighbours": "neighbours of the training sequences (neighbours-train)",
-             "valid_neighbours": Slot("neighbours of the validation sequences", optional=True),
-             "chunk_db": "the chunk table (chunk-db)", "tokens": "document tokens (tokenize)",
-             "quality": Slot("the index recall check, to stop before training when it failed "
-                             "(retrieval-quality)", optional=True)}
-
-
-def _precision_estimate(params: Any) -> dict[str, str]:
-    from retro.components.precision import precision_info
-
-    return precision_info(params, "pretrain")
+from retro.platform.registry import register
 
 
 # ------------------------------------------------------------------------------ stages
-@stage("gpt-pretrain", version="2", params=GptPretrainParams, inputs=DATA, distributed=True,
-       estimate=_precision_estimate)
-def gpt_pretrain(ctx: StageContext[GptPretrainParams]) -> dict:
+@register("stage", "gpt-pretrain", version="1")
+def gpt_pretrain(ctx: Any) -> dict:
     """Train the plain decoder from scratch on the training sequences.
 
     Params: `model` (model node), `pretrain` (trainer node; schedule `pretrain.gpt`).
@@ -92,9 +44,8 @@ def gpt_pretrain(ctx: StageContext[GptPretrainParams]) -> dict:
     return _run(ctx, "gpt-pretrain", model, train, valid, sched, trainer, counts)
 
 
-@stage("retro-fit", version="2", params=RetroFitParams, inputs={**DATA, **INIT, **RETRIEVAL},
-       distributed=True, estimate=_precision_estimate)
-def retro_fit(ctx: StageContext[RetroFitParams]) -> dict:
+@register("stage", "retro-fit", version="1")
+def retro_fit(ctx: Any) -> dict:
     """Continued pretraining of Retro initialised from the GPT (decoder weights), with each
     training sequence's precomputed neighbours (+ continuations) and `model.freeze`.
 
@@ -118,9 +69,8 @@ def retro_fit(ctx: StageContext[RetroFitParams]) -> dict:
     return _run(ctx, "retro-fit", model, train, valid, sched, trainer, counts, chunk_length=m)
 
 
-@stage("gpt-fit", version="2", params=GptFitParams, inputs={**DATA, **INIT}, distributed=True,
-       estimate=_precision_estimate)
-def gpt_fit(ctx: StageContext[GptFitParams]) -> dict:
+@register("stage", "gpt-fit", version="1")
+def gpt_fit(ctx: Any) -> dict:
     """The control: continued pretraining of the GPT on the same sequences, schedule and seed
     as retro-fit, without retrieval. Under `model.freeze: frozen` (decoder frozen) nothing of a
     GPT trains, so the artifact is the initial GPT itself.
@@ -274,12 +224,12 @@ def _forward(ctx: Any, steps: int, progress: dict[str, Any], row: dict[str, Any]
     if kind == "resume":
         ctx.log.info("resumed from the checkpoint at step %d", step)
         ctx.summary["resumed_from"] = step
+        progress.pop("bar", None)  # rows before this one replay the earlier attempt's history
+        return
     if kind == "precision":
         from retro.components.precision import report_precision
 
         report_precision(ctx, row)
-        return
-        progress.pop("bar", None)  # rows before this one replay the earlier attempt's history
         return
     if kind == "train":
         note = (f"loss {row.get('loss', float('nan')):.4f}, "
@@ -295,3 +245,13 @@ def _forward(ctx: Any, steps: int, progress: dict[str, Any], row: dict[str, Any]
     keys = ("loss", "lr", "grad_norm", "tokens_per_s") if kind == "train" \
         else ("val_loss", "val_ppl")
     ctx.log_metrics(step=step, **{k: row[k] for k in keys if k in row})
+
+
+def _precision_estimate(params: Any) -> dict[str, str]:
+    from retro.components.precision import precision_info
+
+    return precision_info(params, "pretrain")
+
+
+for _stage in (gpt_pretrain, retro_fit, gpt_fit):
+    _stage.estimate = _precision_estimate
