@@ -166,13 +166,15 @@ TRAINING = {"gpt-pretrain": ("gpt", "pretrain"), "retro-fit": ("fit", "retrofit"
 
 
 def estimate_training(spec: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters (counted on the meta device), tokens and FLOPs-based GPU-hours of a training
-    stage, for `retro plan`. Empty for other stages."""
+    """Parameters (counted on the meta device), the resolved schedule (`resolve_schedule`, as
+    the stage will run it), tokens and FLOPs-based GPU-hours of a training stage, for
+    `retro plan`. Empty for other stages."""
     if name not in TRAINING:
         return {}
     from retro.components.models.retro.build import estimate as model_estimate
     from retro.components.recipes.cost import (CostAssumption, gpu_hours, human,
                                                paper_fit_hours, training_flops)
+    from retro.components.training.config import resolve_schedule
     from retro.components.training.stages import preset_defaults
 
     from retro.platform.errors import UserError
@@ -187,10 +189,10 @@ def estimate_training(spec: Any, name: str, params: dict[str, Any]) -> dict[str,
         counts = _counts(node, _vocab_size(spec), chunk)
     except UserError as e:  # dims come from a checkpoint that is not here
         return {"params": f"unknown ({str(e).split(';')[0]})"}
-    tokens = _tokens(spec.pretrain, schedule,
-                     preset_defaults(node.model_dump(mode="json"), phase))
-    if not tokens:
-        return info
+    sched = resolve_schedule(getattr(spec.pretrain, schedule), spec.pretrain.seq_length,
+                             preset_defaults(node.model_dump(mode="json"), phase))
+    info = {**info, "schedule": sched.summary()}
+    tokens = sched.tokens
     k = (spec.recipe.train_neighbours or spec.retriever.neighbours.k) if name == "retro-fit" \
         else 0
     flops = training_flops(counts["total"] - counts["encoder"], tokens, counts["encoder"],
@@ -217,17 +219,6 @@ def _vocab_size(spec: Any) -> int | None:
     if kind == "gpt2-files":
         return 50257
     return None
-
-
-def _tokens(pretrain: Any, which: str, preset: dict[str, Any]) -> int:
-    """Tokens a schedule processes: `tokens`, or steps x global batch x sequence length."""
-    sched = getattr(pretrain, which).model_dump()
-    merged = {**preset, **{k: v for k, v in sched.items() if v is not None}}
-    if merged.get("tokens"):
-        return int(merged["tokens"])
-    if merged.get("steps") and merged.get("global_batch"):
-        return int(merged["steps"]) * int(merged["global_batch"]) * pretrain.seq_length
-    return 0
 
 
 InstructRetroRecipe.estimate = staticmethod(estimate_training)

@@ -14,16 +14,64 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from retro.components.training.config import LMTrainer, ResolvedSchedule, resolve
+from retro.components.training.config import LMTrainer, ResolvedSchedule, resolve_schedule
 from retro.components.training.data import NpyRows
 from retro.components.training.loop import TrainJob
 from retro.platform.errors import UserError
-from retro.platform.registry import register
+from retro.platform.spec.node import Node, NodeFields
+from retro.platform.stage import Slot, StageContext, StageParams, stage
+
+# What each stage's result depends on (positive lists): the decoder's dims and init for a GPT;
+# the freeze policy too for gpt-fit (a frozen decoder does not train); everything for Retro.
+DECODER = ("preset", "overrides", "init", "init_gguf")
+TRAIN = ("seq_length", "micro_batch", "eval_interval", "eval_batches", "precision")
+
+
+class GptPretrainParams(StageParams):
+    model: NodeFields("model", *DECODER)
+    """The decoder's dims and init."""
+    pretrain: NodeFields("trainer", *TRAIN, "gpt")
+    """The trainer settings and the `gpt` schedule."""
+
+
+class RetroFitParams(StageParams):
+    model: Node("model")
+    """The whole model node: decoder, Retro encoder and CCA, freeze policy."""
+    pretrain: NodeFields("trainer", *TRAIN, "fit")
+    """The trainer settings and the `fit` schedule."""
+    num_neighbours: Optional[int] = None
+    """Neighbours per chunk fed to the encoder (the first n saved); None: all."""
+
+
+class GptFitParams(StageParams):
+    model: NodeFields("model", *DECODER, "freeze")
+    """The decoder's dims and init, and the freeze policy."""
+    pretrain: NodeFields("trainer", *TRAIN, "fit")
+    """The trainer settings and the `fit` schedule (the same as retro-fit's)."""
+
+
+DATA = {"sequences": "training sequences (sequences-train)",
+        "valid_sequences": Slot("validation sequences (sequences-valid)", optional=True),
+        "tokenizer": "the decoder tokenizer (tokenizer)"}
+INIT = {"init": Slot("the GPT to continue from (gpt-pretrain, import-gguf); else model.init",
+                     optional=True)}
+RETRIEVAL = {"neighbours": "neighbours of the training sequences (neighbours-train)",
+             "valid_neighbours": Slot("neighbours of the validation sequences", optional=True),
+             "chunk_db": "the chunk table (chunk-db)", "tokens": "document tokens (tokenize)",
+             "quality": Slot("the index recall check, to stop before training when it failed "
+                             "(retrieval-quality)", optional=True)}
+
+
+def _precision_estimate(params: Any) -> dict[str, str]:
+    from retro.components.precision import precision_info
+
+    return precision_info(params, "pretrain")
 
 
 # ------------------------------------------------------------------------------ stages
-@register("stage", "gpt-pretrain", version="1")
-def gpt_pretrain(ctx: Any) -> dict:
+@stage("gpt-pretrain", version="2", params=GptPretrainParams, inputs=DATA, distributed=True,
+       estimate=_precision_estimate)
+def gpt_pretrain(ctx: StageContext[GptPretrainParams]) -> dict:
     """Train the plain decoder from scratch on the training sequences.
 
     Params: `model` (model node), `pretrain` (trainer node; schedule `pretrain.gpt`).
@@ -38,14 +86,15 @@ def gpt_pretrain(ctx: Any) -> dict:
                         "gpt-pretrain (the recipe should skip this stage)")
     vocab, eod = _vocab(ctx)
     counts = check_init(node, vocab, 64, retro=False, init_dir=None)
-    sched = resolve(trainer.gpt, trainer.seq_length, preset_defaults(node, "pretrain"))
+    sched = resolve_schedule(trainer.gpt, trainer.seq_length, preset_defaults(node, "pretrain"))
     train, valid = _lm_rows(ctx, trainer.seq_length, eod)
     model = functools.partial(build_fresh, node, vocab, 64, retro=False, freeze=False)
     return _run(ctx, "gpt-pretrain", model, train, valid, sched, trainer, counts)
 
 
-@register("stage", "retro-fit", version="1")
-def retro_fit(ctx: Any) -> dict:
+@stage("retro-fit", version="2", params=RetroFitParams, inputs={**DATA, **INIT, **RETRIEVAL},
+       distributed=True, estimate=_precision_estimate)
+def retro_fit(ctx: StageContext[RetroFitParams]) -> dict:
     """Continued pretraining of Retro initialised from the GPT (decoder weights), with each
     training sequence's precomputed neighbours (+ continuations) and `model.freeze`.
 
@@ -62,15 +111,16 @@ def retro_fit(ctx: Any) -> dict:
     m = _chunk_length(ctx)
     init = _init_dir(ctx, node)
     counts = check_init(node, vocab, m, retro=True, init_dir=init)
-    sched = resolve(trainer.fit, trainer.seq_length, preset_defaults(node, "retrofit"))
+    sched = resolve_schedule(trainer.fit, trainer.seq_length, preset_defaults(node, "retrofit"))
     train, valid = _lm_rows(ctx, trainer.seq_length, eod, neighbours=True,
                             k=ctx.params.get("num_neighbours"))
     model = functools.partial(build_fresh, node, vocab, m, retro=True, init_dir=init)
     return _run(ctx, "retro-fit", model, train, valid, sched, trainer, counts, chunk_length=m)
 
 
-@register("stage", "gpt-fit", version="1")
-def gpt_fit(ctx: Any) -> dict:
+@stage("gpt-fit", version="2", params=GptFitParams, inputs={**DATA, **INIT}, distributed=True,
+       estimate=_precision_estimate)
+def gpt_fit(ctx: StageContext[GptFitParams]) -> dict:
     """The control: continued pretraining of the GPT on the same sequences, schedule and seed
     as retro-fit, without retrieval. Under `model.freeze: frozen` (decoder frozen) nothing of a
     GPT trains, so the artifact is the initial GPT itself.
@@ -84,7 +134,7 @@ def gpt_fit(ctx: Any) -> dict:
     node, trainer = ctx.params["model"], _trainer(ctx.params["pretrain"])
     vocab, eod = _vocab(ctx)
     init = _init_dir(ctx, node)
-    sched = resolve(trainer.fit, trainer.seq_length, preset_defaults(node, "retrofit"))
+    sched = resolve_schedule(trainer.fit, trainer.seq_length, preset_defaults(node, "retrofit"))
     trains = decoder_trainable(node, vocab, 64)
     counts = check_init(node, vocab, 64, retro=False, init_dir=init) if trains else {}
     if not trains:
@@ -104,9 +154,9 @@ def _trainer(params: dict[str, Any]) -> Any:
 
 def preset_defaults(node: dict[str, Any], phase: str) -> dict[str, Any]:
     """The model preset's training values for `phase` (`pretrain`, `retrofit`, `sft`), as
-    Schedule fields; {} when the model has no preset (dims from a checkpoint)."""
-    import math
-
+    Schedule fields, with warmup, decay and length in samples (as the papers and Megatron
+    give them) so `resolve_schedule` rescales them with the resolved batch; {} when the model
+    has no preset (dims from a checkpoint)."""
     from retro.components.models.retro.presets import get_preset
 
     name = node.get("preset")
@@ -121,14 +171,16 @@ def preset_defaults(node: dict[str, Any], phase: str) -> dict[str, Any]:
         "global_batch": gb, "lr": hp.lr, "min_lr": hp.min_lr, "decay": hp.decay_style,
         "weight_decay": hp.weight_decay, "betas": tuple(hp.adam_betas),
         "grad_clip": hp.clip_grad}
-    if hp.steps:
-        out["steps"] = hp.steps
+    if hp.samples:
+        out["samples"] = hp.samples
+    elif hp.steps:
+        out["samples"] = hp.steps * gb
     elif hp.tokens:
         out["tokens"] = int(hp.tokens)
     if hp.warmup_samples is not None:
-        out["warmup"] = int(round(hp.warmup_samples / gb))
+        out["warmup_samples"] = hp.warmup_samples
     if hp.decay_samples:
-        out["decay_steps"] = math.ceil(hp.decay_samples / gb)
+        out["decay_samples"] = hp.decay_samples
     return out
 
 
@@ -206,9 +258,8 @@ def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: Resolve
                    schedule=sched, run=run, seed=ctx.seed, out_dir=str(ctx.work_dir / "job"),
                    export=export)
     res = ctx.resources
-    ctx.log.info("%s: %d steps x %d sequences, lr %.3g -> %.3g, %d workers; params %s",
-                 kind, sched.steps, sched.global_batch, sched.lr, sched.min_lr,
-                 res.num_workers, counts)
+    ctx.log.info("%s: %s; %d workers; params %s", kind, sched.summary(), res.num_workers,
+                 counts)
     summary = launch(job, num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker,
                      gpus_per_worker=res.gpus_per_worker, storage=ctx.work_dir,
                      on_row=functools.partial(_forward, ctx, sched.steps, {}))
@@ -224,12 +275,12 @@ def _forward(ctx: Any, steps: int, progress: dict[str, Any], row: dict[str, Any]
     if kind == "resume":
         ctx.log.info("resumed from the checkpoint at step %d", step)
         ctx.summary["resumed_from"] = step
-        progress.pop("bar", None)  # rows before this one replay the earlier attempt's history
-        return
     if kind == "precision":
         from retro.components.precision import report_precision
 
         report_precision(ctx, row)
+        return
+        progress.pop("bar", None)  # rows before this one replay the earlier attempt's history
         return
     if kind == "train":
         note = (f"loss {row.get('loss', float('nan')):.4f}, "
@@ -245,13 +296,3 @@ def _forward(ctx: Any, steps: int, progress: dict[str, Any], row: dict[str, Any]
     keys = ("loss", "lr", "grad_norm", "tokens_per_s") if kind == "train" \
         else ("val_loss", "val_ppl")
     ctx.log_metrics(step=step, **{k: row[k] for k in keys if k in row})
-
-
-def _precision_estimate(params: Any) -> dict[str, str]:
-    from retro.components.precision import precision_info
-
-    return precision_info(params, "pretrain")
-
-
-for _stage in (gpt_pretrain, retro_fit, gpt_fit):
-    _stage.estimate = _precision_estimate

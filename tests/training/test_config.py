@@ -3,24 +3,81 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from retro.components.training.config import FALLBACK, LMTrainer, Schedule, resolve
+from retro.components.training.config import (FALLBACK, LMTrainer, Schedule, resolve,
+                                              resolve_schedule)
 from retro.components.training.stages import preset_defaults
 
 
 def test_empty_fit_schedule_takes_the_48b_paper_values():
-    """REFERENCE §3 Table 4 / the 43B script: 32.5k steps x 768, 9e-6 -> 9e-7 cosine, warmup
-    16,667 samples, decay over 23.75M samples, Adam (0.9, 0.95), wd 0.1, clip 1."""
+    """REFERENCE §3 (43B script): --train-samples 25,000,000 at GBS 768 -> 32,552 steps
+    (Megatron: train_iters = train_samples // global_batch); 9e-6 -> 9e-7 cosine, warmup
+    16,667 samples (22 steps), decay 23,750,000 samples (step 30,925), Adam (0.9, 0.95),
+    wd 0.1, clip 1 (defect 6: 32,500 or 100B tokens / (768 x 4096) = 31,790 were short)."""
     node = {"type": "retro", "preset": "instructretro-43b"}
-    s = resolve(Schedule(), 4096, preset_defaults(node, "retrofit"))
-    assert (s.steps, s.global_batch, s.lr, s.decay) == (32_500, 768, 9e-6, "cosine")
+    s = resolve_schedule(Schedule(), 4096, preset_defaults(node, "retrofit"))
+    assert (s.steps, s.global_batch, s.lr, s.decay) == (32_552, 768, 9e-6, "cosine")
     assert s.min_lr == pytest.approx(9e-7)
     assert (s.warmup_steps, s.decay_steps) == (22, 30_925)   # 16,667 / 768; 23.75M / 768
     assert (s.weight_decay, s.betas, s.grad_clip) == (0.1, (0.9, 0.95), 1.0)
-    assert s.steps * s.global_batch * 4096 == pytest.approx(102e9, rel=0.01)
+    assert s.steps * s.global_batch == 25_000_000 - 25_000_000 % 768
+
+
+def test_preset_schedule_rescales_with_the_users_length():
+    """Defect 4: with `steps: 2000` the 43B preset's cosine must end at min_lr by step 2000
+    (it ended at 8.92e-6 with the decay still pinned at step 30,925); warmup stays 16,667
+    samples = 22 steps (REFERENCE §3)."""
+    node = {"type": "retro", "preset": "instructretro-43b"}
+    s = resolve_schedule(Schedule(steps=2000), 4096, preset_defaults(node, "retrofit"))
+    assert (s.steps, s.warmup_steps, s.decay_steps) == (2000, 22, 2000)
+    assert s.lr_at(1999) == pytest.approx(9e-7, rel=1e-3)
+    by_tokens = resolve_schedule(Schedule(tokens=768 * 4096 * 500), 4096,
+                                 preset_defaults(node, "retrofit"))
+    assert (by_tokens.steps, by_tokens.decay_steps) == (500, 500)
+    by_samples = resolve_schedule(Schedule(samples=768 * 300), 4096,
+                                  preset_defaults(node, "retrofit"))
+    assert (by_samples.steps, by_samples.decay_steps) == (300, 300)
+
+
+def test_preset_schedule_rescales_with_the_users_batch():
+    """Defect 4: warmup and decay are samples (16,667 and 23.75M, REFERENCE §3), and so is
+    the run length (25M): at global_batch 64 warmup is 260 steps, not the 22 of batch 768."""
+    node = {"type": "retro", "preset": "instructretro-43b"}
+    s = resolve_schedule(Schedule(global_batch=64), 4096, preset_defaults(node, "retrofit"))
+    assert s.global_batch == 64
+    assert s.warmup_steps == round(16_667 / 64) == 260
+    assert s.decay_steps == math.ceil(23_750_000 / 64) == 371_094
+    assert s.steps == 25_000_000 // 64 == 390_625
+
+
+def test_user_decay_and_warmup_in_samples_win():
+    s = resolve_schedule(Schedule(steps=100, global_batch=10, warmup_samples=100,
+                                  decay_samples=505, lr=1.0, min_lr=0.0), 64)
+    assert (s.warmup_steps, s.decay_steps) == (10, 51)
+    kept = resolve_schedule(Schedule(steps=100, decay_steps=80), 64,
+                            preset_defaults({"type": "retro", "preset": "instructretro-43b"},
+                                            "retrofit"))
+    assert kept.decay_steps == 80
+
+
+def test_48b_spec_resolves_to_the_papers_schedule_and_rescales_on_override():
+    """Acceptance (issue 13): the shipped 48B spec's Retro-fit runs 32,552 steps; with
+    `-o pretrain.fit.steps=2000` its decay ends by step 2000."""
+    from retro.platform.spec import load_spec
+
+    spec_path = Path(__file__).resolve().parents[2] / "specs" / "instructretro-48b.yaml"
+    for overrides, steps, decay_end in (((), 32_552, 30_925),
+                                        (("pretrain.fit.steps=2000",), 2000, 2000)):
+        spec = load_spec(spec_path, overrides).spec
+        node = spec.model.model_dump(mode="json")
+        s = resolve_schedule(spec.pretrain.fit, spec.pretrain.seq_length,
+                             preset_defaults(node, "retrofit"))
+        assert (s.steps, s.global_batch, s.warmup_steps) == (steps, 768, 22)
+        assert s.decay_steps <= decay_end and s.lr_at(s.decay_steps) == pytest.approx(9e-7)
 
 
 def test_spec_values_win_and_tokens_become_steps():
@@ -44,7 +101,10 @@ def test_lr_warms_up_then_decays_to_min_lr():
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"steps": 5, "tokens": 100}, "not both"),
+    ({"steps": 5, "tokens": 100}, "one of"),
+    ({"samples": 5, "steps": 100}, "one of"),
+    ({"warmup": 5, "warmup_samples": 100}, "warmup"),
+    ({"decay_steps": 5, "decay_samples": 100}, "decay"),
     ({"warmup": 1.5}, "fraction"),
     ({"lr": 1e-4, "min_lr": 1e-3}, "above lr"),
     ({"betas": (0.9, 1.2)}, "betas"),

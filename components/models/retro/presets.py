@@ -94,7 +94,9 @@ class HParams(StrictModel):
     seq_len: int
     """Tokens per sequence."""
     steps: Optional[int] = None
-    """Optimizer steps."""
+    """Optimizer steps (at `global_batch`)."""
+    samples: Optional[int] = None
+    """Training sequences (Megatron's --train-samples); wins over `steps` and `tokens`."""
     warmup_samples: Optional[int] = None
     """Linear warmup, in samples (Megatron counts samples)."""
     decay_samples: Optional[int] = None
@@ -153,8 +155,10 @@ def _sft_instructretro() -> HParams:
 
 
 def _retrofit(lr: float, batch: int, steps: int) -> HParams:
+    # Table 4's steps are 25M samples / batch, rounded (43B script: --train-samples 25000000)
     return HParams(lr=lr, min_lr=lr / 10, global_batch=batch, seq_len=4096, steps=steps,
-                   warmup_samples=16_667, decay_samples=23_750_000, weight_decay=0.1,
+                   samples=25_000_000, warmup_samples=16_667, decay_samples=23_750_000,
+                   weight_decay=0.1,
                    adam_betas=(0.9, 0.95), clip_grad=1.0, tokens=100e9,
                    source="InstructRetro Table 4 (REFERENCE §3)")
 
