@@ -116,6 +116,19 @@ class StageContext:
         """A progress counter written to the stage log (and stderr when interactive)."""
         return Progress(total, desc, self.log, every_s=every_s, start=start)
 
+    def timer(self, name: str) -> Any:
+        """`with ctx.timer("forward"):` adds the block's wall time to the manifest's
+        `summary.time_s[name]` (names: forward, search, io, ...; platform/timing.py)."""
+        from retro.platform.timing import Timings
+
+        return Timings(self.summary.setdefault("time_s", {}))(name)
+
+    def add_times(self, seconds: dict[str, float] | None) -> None:
+        """Add time measured elsewhere (a shard's or worker's `Timings.as_dict()`)."""
+        from retro.platform.timing import merge
+
+        self.summary["time_s"] = merge(self.summary.get("time_s"), seconds)
+
 
 def serial_map(fn: Callable[[Any], Any], items: list,
                on_result: Callable[[int, Any], None] | None = None) -> list:
@@ -175,16 +188,3 @@ def stage_logger(name: str, log_file: Path) -> logging.Logger:
     if sys.stderr.isatty():
         logger.addHandler(logging.StreamHandler())
     return logger
-    def timer(self, name: str) -> Any:
-        """`with ctx.timer("forward"):` adds the block's wall time to the manifest's
-        `summary.time_s[name]` (names: forward, search, io, ...; platform/timing.py)."""
-        from retro.platform.timing import Timings
-
-        return Timings(self.summary.setdefault("time_s", {}))(name)
-
-    def add_times(self, seconds: dict[str, float] | None) -> None:
-        """Add time measured elsewhere (a shard's or worker's `Timings.as_dict()`)."""
-        from retro.platform.timing import merge
-
-        self.summary["time_s"] = merge(self.summary.get("time_s"), seconds)
-
