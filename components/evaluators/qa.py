@@ -8,10 +8,14 @@
                  predictions (predictions/<dataset>.jsonl).
 
 Ablations (fields, or recipe consts that override them): `retrieval_context: false` is
-closed-book (no passages in the prompt; then no `contexts` input is needed); `encoder: false`
-sets the CCA gate to 0 (InstructRetro's encoder bypass). With the encoder on, a Retro model gets
-the question's top `encoder_neighbours` passages as the neighbours of every chunk (Megatron's
-`--reuse-top`).
+closed-book: nothing retrieved reaches the model, neither prompt passages nor encoder neighbours
+(then no `contexts` input is needed); `context_in_encoder_only: true` is the Shall-we paper's
+"evidence only in the encoder" setting (no prompt passages, the encoder reads them); `encoder:
+false` sets the CCA gate to 0 (InstructRetro's encoder bypass). With passages on and the encoder
+on, a Retro model gets the question's top `encoder_neighbours` passages as the neighbours of
+every chunk (Megatron's `--reuse-top`), EOD-padded as in training. Reading-comprehension
+datasets (`squad_v2`) use their own paragraph instead of retrieved passages. Every prediction
+records what the model received: `passage_ids` (prompt) and `encoder_passage_ids`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from retro.components.evaluators.metrics import answer_in_text, mean, qa_scores
 from retro.components.evaluators.prompts import PromptFormat
 from retro.components.evaluators.qa_data import DatasetName, load_questions
 from retro.components.evaluators.ablation import ablation_call, evaluator_settings
+from retro.components.precision import Precision, autocast, stage_precision
 from retro.platform.registry import StrictModel, register
 from retro.platform.spec.types import DataPath
 from retro.platform.stage import StageCall, StageContext
@@ -58,7 +63,11 @@ class QAEvaluator:
         """Top passages fed to a Retro encoder as every chunk's neighbours (InstructRetro 48B:
         2); ignored for models without an encoder or with `encoder: false`."""
         retrieval_context: bool = True
-        """Put the retrieved passages in the prompt; false: closed-book QA."""
+        """Put the retrieved passages in the prompt (and, with `encoder`, in a Retro encoder);
+        false: closed-book QA, nothing retrieved reaches the model."""
+        context_in_encoder_only: bool = False
+        """Passages in a Retro encoder only, none in the prompt (Shall-we's "evidence only in
+        the encoder"); overrides `retrieval_context`."""
         encoder: bool = True
         """False: CCA gate 0, the encoder is bypassed (InstructRetro 43B setting)."""
         prompt: PromptFormat = "instructretro"
@@ -76,6 +85,11 @@ class QAEvaluator:
         by the retriever's renormalised scores (components/radit/replug.py); plain decoders."""
         replug_temperature: float = Field(0.1, gt=0)
         """REPLUG: softmax temperature over the passages' retriever scores."""
+        precision: Precision = "auto"
+        """Generation compute precision: `auto` (bf16 autocast where the hardware computes bf16
+        fast: AMX / AVX512-BF16 CPUs, CUDA compute capability >= 8.0; else fp32), `bf16` or
+        `fp32`; bf16 may change a greedy answer where two tokens nearly tie
+        (docs/precision.md)."""
 
         @model_validator(mode="after")
         def _k(self) -> "QAEvaluator.Config":
@@ -134,7 +148,8 @@ def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None 
     calls = []
     for overrides in ablations or [{}]:
         needs = overrides.get("retrieval_context", True) or (
-            retro_model and overrides.get("encoder", True))
+            retro_model and overrides.get("encoder", True)
+            and overrides.get("context_in_encoder_only", False))
         inputs = {"model": model_call}
         if tokenizer_call:
             inputs["tokenizer"] = tokenizer_call
@@ -142,7 +157,8 @@ def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None 
             inputs["contexts"] = contexts_call
         # fields that cannot change this call's output stay out of its key
         omit = () if "contexts" in inputs else ("retrieve_k", "passages", "encoder_neighbours",
-                                                "replug", "replug_temperature")
+                                                "replug", "replug_temperature",
+                                                "context_in_encoder_only")
         calls.append(ablation_call("eval-qa", suffix, overrides, eval_path, omit, inputs))
     return calls
 
@@ -179,8 +195,9 @@ def qa_retrieve(ctx: StageContext) -> dict[str, Any]:
     for name in p["datasets"]:
         examples = load_questions(p["data_dir"], name, p["limit"], p["answer_in_corpus"])
         t0 = time.time()
-        hits = [[asdict(ps) for ps in row]
-                for row in retriever.search([e.question for e in examples], p["retrieve_k"])]
+        with ctx.timer("search"):
+            found_rows = retriever.search([e.question for e in examples], p["retrieve_k"])
+        hits = [[asdict(ps) for ps in row] for row in found_rows]
         found = []
         with open(out / f"{name}.jsonl", "w") as fh:
             for ex, passages in zip(examples, hits):
@@ -230,7 +247,7 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
     from retro.components.evaluators.lm import load_eval_lm
 
     cfg = settings(ctx.params)
-    if cfg.retrieval_context and "contexts" not in ctx.inputs:
+    if _uses_passages(cfg) and "contexts" not in ctx.inputs:
         from retro.platform.errors import UserError
 
         raise UserError(f"stage {ctx.name}: retrieval_context is on but the recipe gave no "
@@ -242,12 +259,13 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
     if not cfg.encoder:
         lm.set_gate(0.0)
     answer = answer_one
-    if cfg.replug and cfg.retrieval_context:   # RA-DIT's parallel in-context passages
+    if cfg.replug and cfg.retrieval_context and not cfg.context_in_encoder_only:  # RA-DIT
         from retro.components.radit.replug import answer_replug as answer
     work = ctx.work_dir / "predictions"  # written as we go: a re-run resumes from here
     work.mkdir(exist_ok=True)
     summary: dict[str, Any] = {}
     step = 0
+    precision = stage_precision(ctx, cfg.precision, "cpu")
     for name in cfg.datasets:
         rows = _examples(ctx, cfg, name)
         scores = _done(work / f"{name}.jsonl", len(rows))
@@ -257,7 +275,8 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
                 open(work / f"{name}.jsonl", "a") as fh:
             bar.update(len(scores))
             for row in rows[len(scores):]:
-                pred = answer(lm, cfg, row)
+                with ctx.timer("forward"), autocast(precision, "cpu"):
+                    pred = answer(lm, cfg, row)
                 scores.append(pred)
                 fh.write(json.dumps(pred) + "\n")
                 fh.flush()
@@ -269,7 +288,7 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
         summary[f"{name}/em"] = 100 * mean(s["em"] for s in scores)
         summary[f"{name}/f1"] = 100 * mean(s["f1"] for s in scores)
         summary[f"{name}/n"] = len(scores)
-        if cfg.retrieval_context:
+        if cfg.retrieval_context and not cfg.context_in_encoder_only:
             summary[f"{name}/answer_in_prompt"] = 100 * mean(s["answer_in_prompt"]
                                                              for s in scores)
     shutil.copytree(work, ctx.out_dir / "predictions")
@@ -309,31 +328,68 @@ def answer_one(lm: Any, cfg: QAEvaluator.Config, row: dict[str, Any]) -> dict[st
     from retro.components.evaluators.prompts import (STOP_SEQUENCES, build_prompt,
                                                      clean_answer, format_passage)
 
-    passages = row["passages"][:cfg.passages] if cfg.retrieval_context else []
+    passages, enc_passages = model_inputs(lm, cfg, row)
     texts = [format_passage(p.get("title", ""), p["text"]) for p in passages]
     prompt = build_prompt(cfg.prompt, row["question"], texts, lm.tokenizer,
                           cfg.max_prompt_tokens, cfg.max_new_tokens)
     stops = STOP_SEQUENCES + (["\n"] if cfg.stop_at_newline else [])
-    retrieve = None
-    if lm.is_retro and cfg.encoder and cfg.encoder_neighbours and row["passages"]:
-        retrieve = encoder_neighbours(lm, row["passages"][:cfg.encoder_neighbours])
+    retrieve = encoder_neighbours(lm, enc_passages) if enc_passages else None
     raw = greedy_generate(lm, prompt, cfg.max_new_tokens, stops, retrieve=retrieve)
     prediction = clean_answer(raw)
     return {"id": row["id"], "question": row["question"], "answers": row["answers"],
             "prediction": prediction, "raw": raw, **qa_scores(prediction, row["answers"]),
-            "passage_ids": [p.get("chunk_id") for p in passages],
+            "passage_ids": [passage_id(p) for p in passages],
+            "encoder_passage_ids": [passage_id(p) for p in enc_passages],
             "answer_in_prompt": any(answer_in_text(t, row["answers"]) for t in texts),
             "prompt_tokens": len(prompt)}
 
 
+def _uses_passages(cfg: QAEvaluator.Config) -> bool:
+    return cfg.retrieval_context or cfg.context_in_encoder_only
+
+
+def model_inputs(lm: Any, cfg: QAEvaluator.Config, row: dict[str, Any]
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(prompt passages, encoder passages) the model receives for one question.
+
+    A reading-comprehension row (`context`: the dataset's own paragraph) uses that paragraph in
+    place of the retrieved passages. Closed-book (`retrieval_context: false` without
+    `context_in_encoder_only`) gets nothing; the encoder gets passages only for a Retro model
+    with `encoder: true`.
+    """
+    source = [row["context"]] if row.get("context") else row.get("passages", [])
+    if not _uses_passages(cfg):
+        return [], []
+    prompt = [] if cfg.context_in_encoder_only else source[:cfg.passages]
+    encoder = source[:cfg.encoder_neighbours] if lm.is_retro and cfg.encoder else []
+    return prompt, encoder
+
+
+def passage_id(p: dict[str, Any]) -> Any:
+    """A passage's DB chunk id, or the dataset's paragraph id for a gold context."""
+    return p["chunk_id"] if p.get("chunk_id") is not None else p.get("paragraph_id")
+
+
+def neighbour_block(tokenizer: Any, text: str, m: int, eod: int) -> list[list[int]]:
+    """One passage as a Retro neighbour of 2m tokens, laid out as training lays out a DB chunk
+    and its continuation (`ChunkDB.neighbour_tokens`): the first m tokens then the next m, each
+    half right-padded with EOD (Megatron's padding, attended as in training and eval-ppl)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)[:2 * m]
+    first, second = ids[:m], ids[m:]
+    return first + [eod] * (m - len(first)) + second + [eod] * (m - len(second))
+
+
 def encoder_neighbours(lm: Any, passages: list[dict[str, Any]]):
     """`retrieve(chunk_text) -> [k, 2m]`: the question's top passages for every chunk
-    (Megatron's `--reuse-top`), as neighbour + continuation tokens padded with -1."""
-    r = 2 * lm.chunk_length
-    block = []
-    for p in passages:
-        ids = lm.tokenizer.encode(p["text"], add_special_tokens=False)[:r]
-        block.append(ids + [-1] * (r - len(ids)))
+    (Megatron's `--reuse-top`), as `neighbour_block`s."""
+    eod = lm.tokenizer.eos_token_id
+    if eod is None:
+        from retro.platform.errors import InputDataError
+
+        raise InputDataError(f"the tokenizer of {lm.path} has no eos token: Retro neighbours "
+                             "are padded with it; save the tokenizer with an eos_token")
+    block = [neighbour_block(lm.tokenizer, p["text"], lm.chunk_length, int(eod))
+             for p in passages]
 
     def retrieve(chunk_text: str) -> list[list[int]]:
         return block

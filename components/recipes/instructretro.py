@@ -6,7 +6,8 @@
                                                   └► gpt-fit  (same tokens, no retrieval)
     retro-fit ─► instruct-retro          gpt-fit ─► instruct-gpt          (if `instruct:`)
     eval: ppl of retro-fit (encoder on / gate 0) and gpt-fit; QA of the instructed models
-          (encoder on / off, passages on / off) and the retriever's answer recall.
+          (encoder on / off, passages on / off = closed-book, passages in the encoder only)
+          and the retriever's answer recall.
 
 Every stage reads only the spec fields it depends on, so a sweep over `model.freeze` shares the
 retrieval DB, the GPT and everything before retro-fit.
@@ -150,7 +151,8 @@ class InstructRetroRecipe:
                 more = self.config.qa_ablations
                 calls += eval_qa_calls(
                     path, models["retro"], contexts_call=retrieve.name, suffix=f"retro{sfx}",
-                    ablations=[{}, {"encoder": False}, {"retrieval_context": False}]
+                    ablations=[{}, {"encoder": False}, {"retrieval_context": False},
+                               {"retrieval_context": False, "context_in_encoder_only": True}]
                     if more else [{}])
                 if models["gpt"]:
                     calls += eval_qa_calls(

@@ -12,11 +12,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from retro.components.evaluators.metrics import qa_scores
 from retro.components.evaluators.ppl import eval_ppl, eval_ppl_calls
+from retro.components.evaluators.qa_data import load_questions
 from retro.components.evaluators.qa import (eval_qa, eval_qa_calls, qa_retrieve,
                                             qa_retrieve_call, read_predictions)
 from retro.platform import api
@@ -90,7 +92,13 @@ def test_ppl_with_retrieved_text_in_context(tmp_path, db, models):
 
 
 def test_qa_retrieve_then_answer_with_and_without_context(tmp_path, db, models, shared_data):
-    qa = {"type": "qa", "datasets": ["nq_open", "triviaqa_open"], "data_dir": str(shared_data),
+    """Every record lists what the model received. Closed-book (`retrieval_context: false`)
+    gets nothing retrieved, even with the encoder on and a contexts input present (issue 13
+    defect 2); the encoder-only variant feeds the encoder only; SQuAD is reading comprehension
+    from its own paragraph (InstructRetro §5.1, REFERENCE §5.1: "all other tasks use the
+    contexts supplied with the dataset")."""
+    qa = {"type": "qa", "datasets": ["nq_open", "triviaqa_open", "squad_v2"],
+          "data_dir": str(shared_data),
           "limit": 3, "retrieve_k": 4, "passages": 2, "encoder_neighbours": 2,
           "max_new_tokens": 4}
     ctx = stage_ctx(tmp_path, "qa-retrieve", {
@@ -107,11 +115,16 @@ def test_qa_retrieve_then_answer_with_and_without_context(tmp_path, db, models, 
     assert {"chunk_id", "doc_id", "title", "text", "score"} <= set(rows[0]["passages"][0])
     assert 0 <= recall["nq_open/recall@1"] <= recall["nq_open/recall@4"] <= 100
 
-    scores = {}
+    gold = {e.id: e.context["paragraph_id"]
+            for e in load_questions(shared_data, "squad_v2", 3)}
+    scores, raws = {}, {}
     for name, consts, inputs in (
             ("rag", {}, {"contexts": contexts}),
             ("rag-gate0", {"encoder": False}, {"contexts": contexts}),
-            ("closed", {"retrieval_context": False, "encoder": False}, {})):
+            ("closed", {"retrieval_context": False}, {"contexts": contexts}),
+            ("closed-no-contexts", {"retrieval_context": False}, {}),
+            ("encoder-only", {"retrieval_context": False, "context_in_encoder_only": True},
+             {"contexts": contexts})):
         c = stage_ctx(tmp_path, name, {"evaluator": qa, **consts},
                       {"model": models["retro"], "tokenizer": db["tokenizer"], **inputs})
         scores[name] = eval_qa(c)
@@ -124,9 +137,81 @@ def test_qa_retrieve_then_answer_with_and_without_context(tmp_path, db, models, 
             assert scores[name][f"{ds}/em"] == pytest.approx(em)
             assert scores[name][f"{ds}/f1"] == pytest.approx(f1)
             assert all(p["prompt_tokens"] > 20 for p in preds)
-            assert all((len(p["passage_ids"]) == 2) == (name != "closed") for p in preds)
+            raws[name, ds] = [p["raw"] for p in preds]
+            ctx_rows = {r["id"]: r for r in map(json.loads, (
+                ctx.out_dir / f"contexts/{ds}.jsonl").read_text().splitlines())}
+            for p in preds:
+                top = [x["chunk_id"] for x in ctx_rows[p["id"]]["passages"]]
+                if ds == "squad_v2":   # its own paragraph, never the retrieved passages
+                    top = [gold[p["id"]]]
+                prompt_ids = top[:2] if name in ("rag", "rag-gate0") else []
+                encoder_ids = top[:2] if name in ("rag", "encoder-only") else []
+                assert p["passage_ids"] == prompt_ids, (name, ds)
+                assert p["encoder_passage_ids"] == encoder_ids, (name, ds)
+    for ds in qa["datasets"]:   # closed-book: the contexts input changes nothing
+        assert raws["closed", ds] == raws["closed-no-contexts", ds]
     assert "nq_open/answer_in_prompt" in scores["rag"]
     assert "nq_open/answer_in_prompt" not in scores["closed"]
+
+
+class _FakeLM:
+    def __init__(self, is_retro):
+        self.is_retro = is_retro
+
+
+@pytest.mark.parametrize("consts, retro, prompt, encoder", [
+    ({}, True, ["a", "b"], ["a"]),
+    ({"encoder": False}, True, ["a", "b"], []),
+    ({}, False, ["a", "b"], []),
+    ({"retrieval_context": False}, True, [], []),                    # closed-book: nothing
+    ({"retrieval_context": False, "context_in_encoder_only": True}, True, [], ["a"]),
+])
+def test_model_inputs_closed_book_gets_nothing(consts, retro, prompt, encoder, shared_data):
+    from retro.components.evaluators.qa import model_inputs, settings
+
+    cfg = settings({"evaluator": {"type": "qa", "data_dir": str(shared_data), "passages": 2,
+                                  "encoder_neighbours": 1}, **consts})
+    row = {"passages": [{"chunk_id": c, "text": c} for c in "abc"]}
+    got = model_inputs(_FakeLM(retro), cfg, row)
+    assert [[p["chunk_id"] for p in part] for part in got] == [prompt, encoder]
+    # a reading-comprehension row uses its own paragraph in place of the retrieved ones
+    gold = {"paragraph_id": "p0", "title": "T", "text": "gold"}
+    rc = model_inputs(_FakeLM(retro), cfg, {**row, "context": gold})
+    assert rc == tuple([gold] if part else [] for part in (prompt, encoder))
+
+
+def test_squad_v2_is_reading_comprehension_and_squad_v2_open_is_not(shared_data):
+    rc = load_questions(shared_data, "squad_v2", 20)
+    open_ = load_questions(shared_data, "squad_v2_open", 20)
+    assert [e.question for e in rc] == [e.question for e in open_]
+    assert all(e.context is None for e in open_)
+    for e in rc:   # the dataset's own paragraph holds the gold answer span
+        assert e.context["paragraph_id"] and any(a in e.context["text"] for a in e.answers)
+
+
+def test_qa_encoder_neighbours_are_padded_like_training(db):
+    """One neighbour-padding convention (issue 13 defect 8): a passage given to the encoder is
+    laid out as training's `ChunkDB.neighbour_tokens` lays out a DB chunk and its continuation,
+    EOD-padded (Megatron, REFERENCE §2.2/§2.6), not masked with -1."""
+    from retro.components.evaluators.qa import neighbour_block
+    from retro.components.retrieval.api import ChunkDB, load_tokenizer
+
+    tok = load_tokenizer(db["tokenizer"])
+    cdb = ChunkDB(db["chunk-db"].path, db["tokenize"].path)
+    m, eod = cdb.chunk_length, cdb.pad_id
+    checked = {"end": 0, "continued": 0}
+    for c in range(cdb.n_chunks):
+        nb = cdb.neighbour_tokens(np.array([c]))[0]
+        ids = [int(t) for t in nb if t != eod]
+        text = tok.decode(ids)
+        if tok.encode(text, add_special_tokens=False) != ids:
+            continue        # BPE does not round-trip this cut; the layout is what is tested
+        kind = "end" if cdb.continuation(np.array([c]))[0] < 0 else "continued"
+        if kind == "continued" and int((nb[:m] == eod).sum()):
+            continue
+        assert neighbour_block(tok, text, m, eod) == nb.tolist()
+        checked[kind] += 1
+    assert checked["end"] >= 3 and checked["continued"] >= 3, checked
 
 
 def test_eval_qa_refuses_context_without_contexts_input(tmp_path, models, shared_data):
