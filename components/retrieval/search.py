@@ -13,6 +13,7 @@ import numpy as np
 
 from retro.components.retrieval.common import artifact_path, build_component
 from retro.platform.errors import UserError
+from retro.platform.timing import Timings
 
 BM25_DIR = "bm25"
 
@@ -28,6 +29,7 @@ class DenseSearcher:
         self.index = to_gpu(index_spec.read(index_file), log)
         self.index_spec = index_spec
         self.encode = encode or embedder.embed
+        self.times = Timings()            # forward (query encoding) and search seconds
         if encode is None and embedder.dim != self.index.d:
             raise UserError(f"dims mismatch: the encoder {embedder.path} gives {embedder.dim}-d "
                             f"embeddings but the index has d={self.index.d}; use the encoder the "
@@ -47,11 +49,21 @@ class DenseSearcher:
         if emb.ndim != 2 or emb.shape[1] != self.index.d:
             raise UserError(f"dims mismatch: query embeddings have shape {emb.shape} but the "
                             f"index has d={self.index.d}")
-        scores, ids = self.index.search(emb, n)
+        with self.times("search"):
+            scores, ids = self.index.search(emb, n)
         return scores, ids.astype(np.int64)
 
     def search_texts(self, texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.search_vectors(self.encode(texts), n)
+        with self.times("forward"):
+            emb = self.encode(texts)
+        return self.search_vectors(emb, n)
+
+    def precision_report(self) -> dict[str, str]:
+        """What the query encoder ran in ({} before it ran), for the stage's manifest."""
+        if not hasattr(self.embedder, "precision"):
+            return {}
+        return {"precision": self.embedder.precision, "device": self.embedder.device,
+                "requested": self.embedder.config.precision}
 
 
 class BM25Searcher:
@@ -65,6 +77,10 @@ class BM25Searcher:
         self.model = bm25s.BM25.load(str(bm25_dir), mmap=True)
         self.stopwords = stopwords
         self.n_docs = int(self.model.scores["num_docs"])
+        self.times = Timings()
+
+    def precision_report(self) -> dict[str, str]:
+        return {}                         # no model runs
 
     @property
     def ntotal(self) -> int:
@@ -74,8 +90,9 @@ class BM25Searcher:
         import bm25s
 
         n = min(n, self.n_docs)
-        q = bm25s.tokenize(texts, stopwords=self.stopwords, show_progress=False)
-        ids, scores = self.model.retrieve(q, k=n, show_progress=False, n_threads=1)
+        with self.times("search"):
+            q = bm25s.tokenize(texts, stopwords=self.stopwords, show_progress=False)
+            ids, scores = self.model.retrieve(q, k=n, show_progress=False, n_threads=1)
         ids = np.asarray(ids, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
         ids[scores <= 0] = -1  # no shared term: not a hit

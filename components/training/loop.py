@@ -22,6 +22,7 @@ from retro.components.training.checkpoint import read_checkpoint, write_checkpoi
 from retro.components.training.config import ResolvedSchedule, RunSettings
 from retro.components.training.data import GlobalBatchSampler, TokenRows
 from retro.platform.errors import UserError
+from retro.platform.timing import Timings
 
 
 @dataclass(frozen=True)
@@ -107,25 +108,30 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     sampler = GlobalBatchSampler(len(train_rows), sched.global_batch, job.seed)
     precision = _resolve_precision(run.precision, device, log)
     autocast = _autocast(device, precision)
+    timer = Timings()                       # where the time goes: the stage's manifest
     for step in range(start, sched.steps):
         t0 = time.perf_counter()
         lr = sched.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(_step_seed(job.seed, step, rank))
-        batch = train_rows.batch(sampler.batch(step)[rank::world])
+        with timer("data"):
+            batch = train_rows.batch(sampler.batch(step)[rank::world])
         n_tok = _all_sum(batch["loss_mask"].sum().double(), world)
         loss_sum = torch.zeros((), dtype=torch.float64)
         micro = _micro_batches(batch, run.micro_batch)
         for i, mb in enumerate(micro):
             with _grad_sync(wrapped, enabled=i == len(micro) - 1), autocast:
-                s = _loss_sum(wrapped, mb, device)
-                (s * (world / max(float(n_tok), 1.0))).backward()
+                with timer("forward"):
+                    s = _loss_sum(wrapped, mb, device)
+                with timer("backward"):
+                    (s * (world / max(float(n_tok), 1.0))).backward()
             loss_sum += s.detach().double().cpu()
         loss = float(_all_sum(loss_sum, world)) / max(float(n_tok), 1.0)
-        grad_norm = _clip(wrapped, params, sched.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with timer("optimizer"):
+            grad_norm = _clip(wrapped, params, sched.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         done = step + 1
         metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -134,14 +140,17 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
         log.write({"kind": "train", **metrics})
         last_metrics.update(train_loss=loss)
         if val_rows is not None and (done % run.eval_interval == 0 or done == sched.steps):
-            val = evaluate(wrapped, val_rows, run, sched.global_batch, rank, world, device)
+            with timer("eval"):
+                val = evaluate(wrapped, val_rows, run, sched.global_batch, rank, world, device)
             log.write({"kind": "eval", "step": done, **val})
             last_metrics.update(val)
         if done % run.checkpoint_interval == 0 or done == sched.steps:
-            _checkpoint(runtime, wrapped, optimizer, job, done, last_metrics, metrics)
-    _export(job, wrapped, rank, sharded=run.fsdp and world > 1)
+            with timer("checkpoint"):
+                _checkpoint(runtime, wrapped, optimizer, job, done, last_metrics, metrics)
+    with timer("io"):
+        _export(job, wrapped, rank, sharded=run.fsdp and world > 1)
     return {"steps": sched.steps, "resumed_from": start, "precision": precision,
-            **last_metrics}
+            "time_s": timer.as_dict(), **last_metrics}
 
 
 def evaluate(model: Any, rows: TokenRows, run: RunSettings, global_batch: int, rank: int,
