@@ -138,6 +138,28 @@ def run_details(record: Any) -> None:
         table.add_row(s["name"], s["key"][:10], states.get(s["id"], "pending"),
                       ", ".join(s["variants"]))
     out.print(table)
+    critical_path(plan, record.events())
+
+
+def critical_path(plan: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    """The DAG's critical path: the input chain with the longest start→done, each stage's
+    time split (its manifest's time_s) and precision."""
+    from retro.platform.timeline import critical_path as chain_of, run_span
+
+    chain = [st for st in chain_of(plan, events) if st.seconds > 0]
+    if not chain:
+        return
+    total, span = sum(st.seconds for st in chain), run_span(events)
+    out.print(f"[bold]critical path[/] {total:.1f}s"
+              + (f" of the run's {span:.1f}s" if span else "") + ":")
+    table = Table("stage", "start→done", "computing", "state", "precision", "time split (s)")
+    for st in chain:       # start→done minus computing: waiting for CPUs, loading
+        split = ", ".join(f"{k} {v:.1f}" for k, v in
+                          sorted(st.time_s.items(), key=lambda kv: -kv[1]))
+        table.add_row(st.name, f"{st.seconds:.1f}s",
+                      "-" if st.run_seconds is None else f"{st.run_seconds:.1f}s", st.state,
+                      st.precision or "-", split or "-")
+    out.print(table)
 
 
 def components_table(registry: Any, kinds: list[str]) -> None:

@@ -76,7 +76,7 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
         tracker.log_artifact(artifact, {slot: f"{s}/{k}" for slot, (s, k) in p.inputs.items()})
         tracker.finish("success")
         log.info("stage %s done in %.1fs", node.name, seconds)
-        return {"status": "done", "seconds": seconds, "summary": summary}
+        return {"status": "done", "seconds": seconds, "summary": {**ctx.summary, **summary}}
     except BaseException as e:  # noqa: BLE001 - reported, then re-raised as StageFailed
         log.error("stage %s failed:\n%s", node.name, traceback.format_exc())
         shutil.rmtree(tmp, ignore_errors=True)
