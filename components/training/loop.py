@@ -80,7 +80,7 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
                         f"global_batch")
     device = _device()
     torch.manual_seed(job.seed)                   # identical initial weights on every rank
-    model = job.model()
+    model = _fp32_masters(job.model())
     start, last_metrics = 0, {}
     with runtime.latest_checkpoint() as ckpt:
         if ckpt is not None:
@@ -206,6 +206,18 @@ def _autocast(device: Any, precision: str) -> Any:
     from retro.components.precision import autocast
 
     return autocast(precision, device)
+
+
+def _fp32_masters(model: Any) -> Any:
+    """Master weights (and so AdamW state) in fp32 whatever a builder loaded: bf16 masters
+    round small updates away (at lr 9e-6 most weights would never change); compute precision
+    is autocast's business."""
+    import torch
+
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -362,7 +374,7 @@ def _export(job: TrainJob, wrapped: Any, rank: int, sharded: bool) -> None:
         return
     model = _unwrap(wrapped)
     if sharded:
-        model = job.model()
+        model = _fp32_masters(job.model())
         model.load_state_dict(msd, strict=False)
     shutil.rmtree(job.final_dir, ignore_errors=True)
     (job.export or _save_pretrained)(model, job.final_dir)

@@ -189,9 +189,11 @@ def build_model(model_cfg, vocab_size: Optional[int] = None, chunk_length: int =
         with torch.device("meta"):
             model = RetroForCausalLM(config)
     elif load_init and source is not None:  # init: the checkpoint's decoder, fresh Retro parts
+        # fp32 whatever the checkpoint's dtype (HF LLMs ship bf16): master weights and AdamW
+        # state are fp32; compute precision comes only from the spec's `precision` (autocast)
         from transformers import AutoModelForCausalLM
 
-        decoder = AutoModelForCausalLM.from_pretrained(checkpoint_dir(source),
+        decoder = AutoModelForCausalLM.from_pretrained(checkpoint_dir(source), dtype=torch.float32,
                                                        attn_implementation="sdpa")
         model = RetroForCausalLM(config, decoder=decoder)
     else:
@@ -221,7 +223,12 @@ def init_from_gpt(model, gpt_dir):
     from transformers import AutoModelForCausalLM
 
     src_dir = checkpoint_dir(gpt_dir)
-    src = AutoModelForCausalLM.from_pretrained(src_dir, attn_implementation="sdpa")
+    import torch
+
+    # fp32 whatever the checkpoint's dtype: these are master weights (compute precision is
+    # the spec's `precision`, applied by autocast)
+    src = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32,
+                                               attn_implementation="sdpa")
     ours = model.decoder.state_dict()
     theirs = src.state_dict()
     bad = [f"{k}: {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()

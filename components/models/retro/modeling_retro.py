@@ -295,7 +295,9 @@ class RetroForCausalLM(nn.Module):
 
             dec = dict(config.decoder)
             hf_config = AutoConfig.for_model(dec.pop("model_type"), **dec)
-            decoder = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+            # fp32 even when the config records a bf16 checkpoint's dtype (from_config honours it)
+            decoder = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
+                                                       dtype=torch.float32)
         self.decoder = decoder
         self.arch = decoder_arch(decoder.config)
         self.n_layers = len(self._layers())
@@ -438,10 +440,12 @@ class RetroForCausalLM(nn.Module):
         path = Path(path)
         raw = json.loads((path / RETRO_CONFIG).read_text())
         raw.pop("architecture", None)
-        decoder = AutoModelForCausalLM.from_pretrained(path / "decoder", attn_implementation="sdpa")
+        decoder = AutoModelForCausalLM.from_pretrained(  # fp32 whatever was saved (bf16 HF LLMs)
+            path / "decoder", dtype=torch.float32, attn_implementation="sdpa")
         config = RetroConfig(**(raw | {"decoder": decoder.config.to_dict()}))
         model = cls(config, decoder=decoder)
-        state = load_file(str(path / RETRO_WEIGHTS))
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in load_file(str(path / RETRO_WEIGHTS)).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("decoder.")]
         if missing or unexpected:
