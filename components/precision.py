@@ -171,10 +171,15 @@ def precision_info(params: Any, *path: str) -> dict[str, str]:
     return {"precision": plan_text(node or "auto")}
 
 
-def report_shard_precision(ctx: Any, requested: str, results: list[dict[str, Any]]) -> None:
-    """Report the precision shards ran in (each result's `precision` and `device`; shards a
-    resumed run skipped have none): the first computing shard's, else resolved here."""
+def report_shard_precision(ctx: Any, results: list[dict[str, Any]],
+                           requested: str | None = None) -> None:
+    """Report the precision shards ran in, from their results' `precision`, `requested` and
+    `device` (shards a resumed run skipped have none): the first computing shard's, else
+    `requested` resolved here; nothing when no model ran and `requested` is None."""
     ran = [r for r in results if r.get("precision")]
+    requested = requested or (ran[0].get("requested") if ran else None)
+    if requested is None:
+        return
     device = ran[0].get("device", "cpu") if ran else "cpu"
     resolved = resolve_precision(requested, device, log=ctx.log)
     if ran and ran[0]["precision"] != resolved:      # shards saw other hardware than us
