@@ -96,6 +96,7 @@ def run(spec: Path, override: list[str] = OVERRIDES,
         record, outcome, the_plan = api.run(spec, override, argv=sys.argv, on_event=live.event,
                                             rerun=rerun)
     render.run_summary(record, outcome, the_plan)
+    render.run_headline(record)
     if not outcome.ok:
         user = all(f.user_error for f in outcome.failures)
         raise typer.Exit(2 if user else 1)

@@ -198,14 +198,57 @@ def diff_table(a: Any, b: Any, rows: list[tuple[str, Any, Any]]) -> None:
     out.print(table)
 
 
+def headline(rep: Any, headline_only: bool = True) -> None:
+    """The run's headline metrics with 95% CIs per variant, then every comparison (paired
+    bootstrap CI of the difference, "within noise" when it includes 0)."""
+    from retro.platform.report import comparison_rows, headline_rows
+    from retro.platform.stats import RESAMPLES
+
+    con = out if out.is_terminal else Console(width=220)  # logs and pipes: no wrapped cells
+    rows = headline_rows(rep)
+    if len(rows) > 1:
+        con.print(_rows_table(rows, "headline: value [95% CI] over the items scored"))
+    rows = comparison_rows(rep, headline_only=headline_only)
+    if len(rows) > 1:
+        con.print(_rows_table(rows, f"comparisons: Δ = A − B, paired bootstrap 95% CI "
+                                    f"({RESAMPLES:,} resamples)"))
+
+
+def run_headline(record: Any) -> None:
+    """`retro run`'s closing lines: the headline and comparisons of what finished (nothing when
+    no stage declared results; a report problem never fails the run)."""
+    from retro.platform.report import build_report
+
+    try:
+        rep = build_report(record)
+    except Exception as e:  # noqa: BLE001 - the run itself is done; say why and move on
+        err.print(f"[yellow]no headline[/]: {escape(str(e))}")
+        return
+    if rep.headline:
+        headline(rep)
+        out.print(f"full report: retro report {record.dir}")
+
+
+def _rows_table(rows: list[list[str]], title: str) -> Table:
+    table = Table(*rows[0], title=title, title_justify="left")
+    for r in rows[1:]:
+        style = "dim" if r[-1] == "within noise" else None
+        table.add_row(*map(escape, r), style=style)
+    return table
+
+
 def report(rep: Any) -> None:
-    """`retro report`: the evaluation and stage-summary tables, spec differences, files."""
+    """`retro report`: headline and comparisons with CIs, then the full metric dump (evaluation
+    and stage-summary tables), spec differences, files."""
     from retro.platform.report import fmt
 
     out.print(f"[bold]{rep.run}[/] spec={rep.spec_name} status={rep.status} "
               f"variants={', '.join(rep.variants)}")
+    headline(rep)
+    if rep.plots:
+        out.print("plots: " + ", ".join(str(p) for p in rep.plots))
     evals = rep.eval_metrics
-    for title, names in (("evaluation", evals),
+    for title, names in (("evaluation (all metrics)", evals),
                          ("stage summaries", [m for m in rep.metrics if m not in evals])):
         if not names:
             continue

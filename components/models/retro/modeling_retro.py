@@ -310,15 +310,22 @@ class RetroForCausalLM(nn.Module):
                                         config.encoder_rope)
             self.cca = nn.ModuleDict({str(i): ChunkedCrossAttention(
                 self.arch, config.chunk_length, config.retro_dropout) for i in config.cca_layers})
-            self.encoder.apply(self._init_fresh)
-            self.cca.apply(self._init_fresh)
+            for part in (self.encoder, self.cca):
+                for name, module in part.named_modules():
+                    self._init_fresh(name, module)
         else:
             self.encoder, self.cca = None, nn.ModuleDict()
         self.gate = config.gate
 
-    def _init_fresh(self, module):
+    def _init_fresh(self, name, module):
+        """Megatron's init: normal(0, init_std); the output projections of attention and MLP
+        (linear_proj / linear_fc2) normal(0, init_std / sqrt(2 L)) with L the decoder's layers
+        (`scaled_init_method_normal` of the model config, which the encoder's copy keeps)."""
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=self.config.init_std)
+            std = self.config.init_std
+            if name.endswith(("o_proj", "down_proj")):
+                std /= (2 * self.n_layers) ** 0.5
+            nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
