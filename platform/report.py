@@ -5,8 +5,13 @@ Reads `<run>/plan.json`, `events.jsonl`, the resolved specs (`resolved.yaml`,
 summary and `metrics.jsonl` (or the work dir's copy while a stage still runs). Writes
 `report.md` (variants x metrics, the spec fields that differ), `report.json` and PNG plots.
 
-Metric names are `<stage name>/<summary key>`, e.g. `eval-ppl-retro/ppl`. Stages whose type
-starts with `eval-` or `qa-` are evaluations and come first.
+The report opens with the headline: every stage that declared per-item results
+(`results.json`, see `retro.platform.results`) with its headline metrics and their bootstrap 95%
+intervals per variant, then every comparison those declarations imply (ablation vs its base,
+subject vs reference, variant vs the first variant) with a paired bootstrap 95% CI of the
+difference (`retro.platform.comparisons`). Below: the full dump, metric names
+`<stage name>/<summary key>` (stages that declared results first), and the spec fields that
+differ. The platform knows no stage names: what a stage declares is all it reads.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from typing import Any
 
 import yaml
 
+from retro.platform.comparisons import Arm, Comparison, ItemCache, Scored, compare, score_arms
 from retro.platform.diffing import flatten
 from retro.platform.errors import UserError
+from retro.platform.results import Results, read_results
 from retro.platform.runs import RunRecord, find_runs, resolve_run
-
-EVAL_PREFIXES = ("eval-", "qa-")
+from retro.platform.stats import LEVEL, RESAMPLES
 
 
 @dataclass
@@ -38,10 +44,26 @@ class StageInfo:
     state: str
     summary: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)   # slot -> producing stage id
+    results: Results | None = None                          # what the stage declared
+    path: Path | None = None                                # its artifact folder
 
     @property
     def is_eval(self) -> bool:
-        return self.stage.startswith(EVAL_PREFIXES)
+        """The stage declared per-item results."""
+        return self.results is not None
+
+
+@dataclass
+class HeadlineRow:
+    """One headline metric of one call (model / ablation), per variant."""
+
+    name: str
+    set: str
+    metric: str
+    unit: str
+    better: str | None
+    cells: dict[str, Scored] = field(default_factory=dict)   # variant -> estimate
 
 
 @dataclass
@@ -58,11 +80,20 @@ class Report:
     differences: list[tuple[str, dict[str, Any]]]  # dotted spec path -> variant -> value
     plots: list[Path] = field(default_factory=list)
     markdown: Path | None = None
+    headline: list[HeadlineRow] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"run": self.run, "status": self.status, "spec": self.spec_name,
                 "variants": self.variants, "metrics": self.metrics,
                 "eval_metrics": self.eval_metrics,
+                "bootstrap": {"resamples": RESAMPLES, "level": LEVEL},
+                "headline": [{"name": r.name, "set": r.set, "metric": r.metric, "unit": r.unit,
+                              "values": {v: {"value": c.estimate.value,
+                                             "ci95": [c.estimate.lo, c.estimate.hi],
+                                             "n": c.estimate.n} for v, c in r.cells.items()}}
+                             for r in self.headline],
+                "comparisons": [c.to_json() for c in self.comparisons],
                 "differences": [{"path": p, "values": v} for p, v in self.differences],
                 "stages": [{"id": s.id, "name": s.name, "stage": s.stage, "key": s.key,
                             "variants": s.variants, "state": s.state, "summary": s.summary}
@@ -108,9 +139,43 @@ def build_report(record: RunRecord, store: Path | None = None) -> Report:
     stages = [_stage_info(s, states.get(s["id"], "pending"), store) for s in plan["stages"]]
     metrics, eval_names = _metric_table(stages, plan["variants"])
     specs = {v: _variant_spec(run_dir, v, top) for v in variants}
-    return Report(record.name, run_dir, record.status().get("status", "unknown"),
-                  top.get("name", ""), top.get("description", ""), variants, stages, metrics,
-                  eval_names, differences(specs))
+    rep = Report(record.name, run_dir, record.status().get("status", "unknown"),
+                 top.get("name", ""), top.get("description", ""), variants, stages, metrics,
+                 eval_names, differences(specs))
+    add_statistics(rep, plan["variants"])
+    return rep
+
+
+def add_statistics(report: Report, plan_variants: dict[str, dict[str, str]]) -> None:
+    """Fill the headline (declared headline metrics with CIs) and the comparisons."""
+    arms = {s.id: Arm(s.id, s.name, s.inputs, s.results, s.path)
+            for s in report.stages if s.results is not None and s.path is not None}
+    cache = ItemCache()
+    scored = score_arms(list(arms.values()), cache)
+    report.headline = headline(scored, plan_variants)
+    report.comparisons = compare(arms, plan_variants, cache)
+
+
+def headline(scored: list[Scored], plan_variants: dict[str, dict[str, str]]
+             ) -> list[HeadlineRow]:
+    """Rows (call, set, metric) of the headline metrics, a cell per variant that ran it.
+    A set that marks no metric as headline shows its first one."""
+    marked = {(s.stage_id, s.set) for s in scored if s.decl.headline}
+    by_stage: dict[str, list[Scored]] = {}
+    seen: set[tuple[str, str]] = set()
+    for s in scored:
+        k = (s.stage_id, s.set)
+        if s.decl.headline or (k not in marked and k not in seen):
+            by_stage.setdefault(s.stage_id, []).append(s)
+        seen.add(k)
+    rows: dict[tuple[str, str, str], HeadlineRow] = {}
+    for variant, calls in plan_variants.items():
+        for name, sid in calls.items():
+            for s in by_stage.get(sid, []):
+                row = rows.setdefault((name, s.set, s.metric), HeadlineRow(
+                    name, s.set, s.metric, s.unit, s.decl.better))
+                row.cells[variant] = s
+    return list(rows.values())
 
 
 def _store_root(top: dict[str, Any], run_dir: Path) -> Path:
@@ -124,10 +189,12 @@ def _store_root(top: dict[str, Any], run_dir: Path) -> Path:
 
 
 def _stage_info(s: dict[str, Any], state: str, store: Path) -> StageInfo:
-    info = StageInfo(s["id"], s["name"], s["stage"], s["key"], list(s["variants"]), state)
+    info = StageInfo(s["id"], s["name"], s["stage"], s["key"], list(s["variants"]), state,
+                     inputs=dict(s.get("inputs", {})))
     art = store / s["stage"] / s["key"]
     try:
         info.summary = json.loads((art / "manifest.json").read_text()).get("summary", {})
+        info.path, info.results = art, read_results(art)
     except (OSError, ValueError):
         pass
     for path in (art / "metrics.jsonl", store / s["stage"] / ".work" / s["key"] / "metrics.jsonl"):
@@ -224,9 +291,20 @@ def to_markdown(report: Report) -> str:
              f"{len(report.variants)} variant(s): {', '.join(report.variants)}"]
     if report.description:
         lines += ["", report.description.strip()]
+    if report.headline:
+        lines += ["", "## Headline", "", f"Value [bootstrap {LEVEL:.0%} CI over items, "
+                  f"{RESAMPLES:,} resamples]; n = items scored.", "",
+                  _md_rows(headline_rows(report))]
+    if report.comparisons:
+        lines += ["", "## Comparisons", "", f"Δ = A − B on the items both scored, paired "
+                  f"bootstrap {LEVEL:.0%} CI ({RESAMPLES:,} resamples, seeded); \"within "
+                  "noise\" when the CI includes 0.", "",
+                  _md_rows(comparison_rows(report))]
+    if report.plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in report.plots]
     evals = report.eval_metrics
     others = [m for m in report.metrics if m not in evals]
-    for title, names in (("Evaluation", evals), ("Stage summaries", others)):
+    for title, names in (("Evaluation (all metrics)", evals), ("Stage summaries", others)):
         if names:
             lines += ["", f"## {title}", "", _md_table(report, names)]
     if report.differences:
@@ -236,8 +314,6 @@ def to_markdown(report: Report) -> str:
         for path, values in report.differences:
             lines.append(f"| `{path}` | " + " | ".join(
                 f"`{json.dumps(values[v], default=str)}`" for v in report.variants) + " |")
-    if report.plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in report.plots]
     return "\n".join(lines) + "\n"
 
 
@@ -248,3 +324,63 @@ def _md_table(report: Report, names: list[str]) -> str:
         rows.append(f"| {name} | " + " | ".join(
             fmt(report.metrics[name].get(v)) for v in report.variants) + " |")
     return "\n".join(rows)
+
+
+def sig(value: float, digits: int = 4) -> str:
+    """`value` to `digits` significant digits, no exponent below 1e6 (`934.6`, `0.05512`)."""
+    if not math.isfinite(value):
+        return "–"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e6:
+        return f"{value:.{digits - 1}e}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def fmt_ci(value: float, lo: float, hi: float, digits: int = 4) -> str:
+    """`21.34 [20.91, 21.80]`: `digits` significant digits of the largest of the three, the
+    same decimals for all."""
+    if not all(map(math.isfinite, (value, lo, hi))):
+        return sig(value, digits)
+    top = max(abs(value), abs(lo), abs(hi))
+    decimals = max(0, digits - 1 - math.floor(math.log10(top))) if top else 0
+    return f"{value:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
+
+
+def headline_rows(report: Report) -> list[list[str]]:
+    """Header + one row per headline (call, set, metric): value [CI] per variant, n."""
+    out = [["stage", "metric", *report.variants, "n"]]
+    for r in report.headline:
+        ns = sorted({c.estimate.n for c in r.cells.values()})
+        arrow = {"lower": " ↓", "higher": " ↑"}.get(r.better or "", "")
+        out.append([r.name, f"{r.set}/{r.metric}{arrow}", *(
+            fmt_ci(c.estimate.value, c.estimate.lo, c.estimate.hi) if (c := r.cells.get(v))
+            else "–" for v in report.variants),
+            "/".join(map(str, ns)) + f" {r.unit}"])
+    return out
+
+
+def comparison_rows(report: Report, headline_only: bool = False) -> list[list[str]]:
+    """Header + one row per comparison: A, B, Δ [CI], relative Δ, n, verdict."""
+    out = [["A vs B", "variants", "metric", "A", "B", "Δ [95% CI]", "Δ %", "n", "verdict"]]
+    keep = {(r.set, r.metric) for r in report.headline}
+    every = set(report.variants)
+    for c in report.comparisons:
+        if headline_only and (c.set, c.metric) not in keep:
+            continue
+        d = c.diff
+        where = "all" if set(c.variants) == every else ", ".join(c.variants)
+        rel = f"{100 * d.rel:+.2f}% [{100 * d.rel_lo:+.2f}, {100 * d.rel_hi:+.2f}]" \
+            if d.a >= 0 and d.b > 0 and math.isfinite(d.rel_lo + d.rel_hi) else "–"
+        delta = fmt_ci(d.delta, d.lo, d.hi, 3)
+        out.append([f"{c.a} vs {c.b}", where, f"{c.set}/{c.metric}", sig(d.a, 5), sig(d.b, 5),
+                    delta if d.delta < 0 else "+" + delta, rel, f"{d.n} {c.unit}", c.verdict])
+    return out
+
+
+def _md_rows(rows: list[list[str]]) -> str:
+    head, body = rows[0], rows[1:]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)

@@ -1,9 +1,13 @@
 """PNG plots of a `Report` (matplotlib, Agg backend, imported only when plotting).
 
-    curves.png   training curves of every variant on one chart (loss-like series first)
-    ppl.png      validation perplexity per model (eval-ppl stages) and variant
-    qa.png       QA exact match / F1 per dataset (eval-qa stages), per model and variant
-    metrics.png  final evaluation metrics (or stage summaries) per variant, small multiples
+    headline.png  every headline metric a stage declared (per-item results): one panel per
+                  (item set, metric), a bar per (stage, variant) with its 95% CI
+    deltas.png    every comparison of a headline metric: relative difference A / B - 1 (or the
+                  difference, for metrics that can be <= 0) with its paired 95% CI; 0 is marked
+    curves.png    training curves of every variant on one chart (loss-like series first)
+    metrics.png   final evaluation metrics (or stage summaries) per variant, small multiples
+
+Like the report, the plots know no stage names: they draw what stages declared.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ def make_plots(report: Any, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg", force=True)
     out = []
-    for fn in (_curves, _ppl, _qa, _metrics):
+    for fn in (_headline, _deltas, _curves, _metrics):
         path = fn(report, out_dir)
         if path is not None:
             out.append(path)
@@ -54,56 +58,81 @@ def _curves(report: Any, out_dir: Path) -> Path | None:
     return _save(fig, out_dir / "curves.png")
 
 
-def _ppl(report: Any, out_dir: Path) -> Path | None:
-    stages = [s for s in report.stages if s.stage == "eval-ppl" and "ppl" in s.summary]
-    if not stages:
+def _headline(report: Any, out_dir: Path) -> Path | None:
+    """One panel per (set, metric); a bar per (stage, variant), whiskers = the 95% CI."""
+    panels: dict[tuple[str, str], list[Any]] = {}
+    for row in report.headline:
+        panels.setdefault((row.set, row.metric), []).append(row)
+    if not panels:
         return None
-    return _grouped_bars(report, stages, ["ppl"], out_dir / "ppl.png",
-                         "validation perplexity (lower is better)")
-
-
-def _qa(report: Any, out_dir: Path) -> Path | None:
-    """One panel per dataset; per (variant, eval-qa stage) an EM bar and an F1 bar."""
-    stages = [s for s in report.stages if s.stage == "eval-qa"]
-    datasets = sorted({k.rsplit("/", 1)[0] for s in stages for k in s.summary
-                       if k.endswith(("/em", "/f1"))})
-    if not datasets:
-        return None
-    fig, axes = _grid(min(len(datasets), MAX_PANELS), width=max(4.0, 0.9 * len(stages) + 2))
-    for ax, ds in zip(axes, datasets):
-        rows = [s for s in stages if f"{ds}/em" in s.summary or f"{ds}/f1" in s.summary]
-        for j, metric in enumerate(("em", "f1")):
-            values = [float(s.summary.get(f"{ds}/{metric}", float("nan"))) for s in rows]
-            xs = [i + (j - 0.5) * 0.38 for i in range(len(rows))]
-            ax.bar(xs, values, width=0.38, label=metric.upper(), color=f"C{j}")
-            for x, v in zip(xs, values):
-                ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(rows)), [_label(s, report) for s in rows], rotation=30,
-                      ha="right", fontsize=7)
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"{ds} (%)")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{report.run}: zero-shot QA")
-    return _save(fig, out_dir / "qa.png")
-
-
-def _grouped_bars(report: Any, stages: list[Any], keys: list[str], path: Path,
-                  title: str) -> Path:
-    """One panel per key; one bar per (variant, stage) that has the key."""
-    fig, axes = _grid(min(len(keys), MAX_PANELS), width=max(4.0, 0.5 * len(stages) + 2))
+    keys = list(panels)[:MAX_PANELS]
+    bars = max(len(rows) * len(report.variants) for rows in panels.values())
+    fig, axes = _grid(len(keys), width=max(4.0, 0.45 * bars + 2))
     for ax, key in zip(axes, keys):
-        bars = [(_label(s, report), float(s.summary[key])) for s in stages if key in s.summary]
-        names, values = zip(*bars) if bars else ((), ())
-        ax.bar(range(len(values)), values, color=[f"C{i % 10}" for i in range(len(values))])
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
-        ax.set_title(key)
-        ax.set_ylim(bottom=min(0.0, *values) if values else 0.0)
+        labels, values, errs, colors = [], [], [[], []], []
+        for i, row in enumerate(panels[key]):
+            for v in report.variants:
+                cell = row.cells.get(v)
+                if cell is None:
+                    continue
+                e = cell.estimate
+                labels.append(f"{row.name}" + (f" [{v}]" if len(report.variants) > 1 else ""))
+                values.append(e.value)
+                errs[0].append(max(e.value - e.lo, 0.0))
+                errs[1].append(max(e.hi - e.value, 0.0))
+                colors.append(f"C{report.variants.index(v) % 10}")
+        ax.bar(range(len(values)), values, yerr=errs, capsize=3, color=colors)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        for x, value in enumerate(values):
+            ax.text(x, value, f"{value:.4g}", ha="center", va="bottom", fontsize=7)
+        better = panels[key][0].better
+        ax.set_title(f"{key[0]}/{key[1]}" + (f" ({better} is better)" if better else ""),
+                     fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{report.run}: {title}")
-    return _save(fig, path)
+    fig.suptitle(f"{report.run}: headline metrics, 95% bootstrap CI")
+    return _save(fig, out_dir / "headline.png")
+
+
+def _deltas(report: Any, out_dir: Path) -> Path | None:
+    """A forest plot of the comparisons of headline metrics, one panel per (set, metric)."""
+    keep = {(r.set, r.metric) for r in report.headline}
+    panels: dict[tuple[str, str], list[Any]] = {}
+    for c in report.comparisons:
+        if (c.set, c.metric) in keep:
+            panels.setdefault((c.set, c.metric), []).append(c)
+    if not panels:
+        return None
+    keys = list(panels)[:MAX_PANELS]
+    rows = max(len(cs) for cs in panels.values())
+    cols = min(len(keys), 2)
+    import matplotlib.pyplot as plt
+
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(7.5 * cols, (0.35 * rows + 1.4) * nrows),
+                             squeeze=False)
+    flat = [ax for r in axes for ax in r]
+    for ax in flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(flat, keys):
+        cs = panels[key]
+        rel = all(c.diff.a >= 0 and c.diff.b > 0 for c in cs)
+        for y, c in enumerate(cs):
+            d = c.diff
+            mid, lo, hi = ((100 * d.rel, 100 * d.rel_lo, 100 * d.rel_hi) if rel
+                           else (d.delta, d.lo, d.hi))
+            color = "0.6" if c.diff.within_noise else ("C2" if c.verdict == "better" else "C3")
+            ax.errorbar([mid], [y], xerr=[[max(mid - lo, 0)], [max(hi - mid, 0)]], fmt="o",
+                        color=color, capsize=3)
+        ax.axvline(0.0, color="k", linewidth=0.8)
+        where = lambda c: "" if len(c.variants) == len(report.variants) else \
+            f" ({', '.join(c.variants)})"
+        ax.set_yticks(range(len(cs)), [f"{c.a} vs {c.b}{where(c)}" for c in cs], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("A / B - 1 (%)" if rel else "A - B")
+        ax.set_title(f"{key[0]}/{key[1]}: grey = within noise", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{report.run}: differences, paired bootstrap 95% CI")
+    return _save(fig, out_dir / "deltas.png")
 
 
 def _metrics(report: Any, out_dir: Path) -> Path | None:

@@ -108,3 +108,124 @@ def toy_total(ctx):
 
 
 toy_total.estimate = lambda params: {"offset": params["offset"]}
+
+
+# ---------------------------------------------------------------- a toy evaluation (reports)
+# A non-RETRO recipe whose grading stage declares per-item results, so report tests can show
+# that `retro report` finds comparisons from declarations alone (no stage-name conventions).
+#
+#   quiz ─► grade-strong        (learner skill = recipe.skill, with hints)
+#        ├► grade-strong-nohint (the same learner, hints off: an ablation)
+#        └► grade-plain         (a skill-0 learner, the reference arm)
+# score_i = difficulty_i + skill + hint_bonus·hint + noise_i (noise seeded by arm and hint);
+# nll_i = length_i · (3 − score_i / 4) gives a pooled exp-ratio metric like perplexity.
+
+from retro.platform.stage import StageParams, stage  # noqa: E402
+
+
+@register("recipe", "toy-quiz")
+class ToyQuizRecipe:
+    """A quiz graded for two learners and one ablation (tests only)."""
+
+    class Config(StrictModel):
+        n: int = Field(60, ge=2)
+        """Questions in the quiz."""
+        skill: int = 0
+        """Skill of the strong learner (the plain one has 0)."""
+        hint_bonus: float = 1.0
+        """Score added to every question when hints are on."""
+        noise: float = 0.3
+        """Std of the per-question grading noise."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def check(self, spec):
+        return []
+
+    def estimate(self, spec, name, params):
+        return {}
+
+    def stages(self, spec):
+        grade = {"hint_bonus": "recipe.hint_bonus", "noise": "recipe.noise"}
+        quiz = StageCall("quiz", "toy-quiz", reads={"n": "recipe.n"})
+        strong = StageCall("learner-strong", "toy-learner", reads={"skill": "recipe.skill"},
+                           consts={"arm": "strong", "baseline": False})
+        plain = StageCall("learner-plain", "toy-learner",
+                          consts={"skill": 0, "arm": "plain", "baseline": True})
+        return [quiz, strong, plain, *(
+            StageCall(name, "toy-grade", reads=grade, consts={"hint": hint},
+                      inputs={"learner": learner, "quiz": quiz})
+            for name, learner, hint in (("grade-strong", strong, True),
+                                        ("grade-strong-nohint", strong, False),
+                                        ("grade-plain", plain, True)))]
+
+
+class QuizParams(StageParams):
+    n: int
+
+
+class LearnerParams(StageParams):
+    skill: int
+    arm: str
+    baseline: bool
+
+
+class GradeParams(StageParams):
+    hint: bool
+    hint_bonus: float
+    noise: float
+
+
+@stage("toy-quiz", version="1", params=QuizParams)
+def toy_quiz(ctx):
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    with open(ctx.out_dir / "quiz.jsonl", "w") as fh:
+        for i in range(ctx.params.n):
+            fh.write(json.dumps({"qid": f"q{i}", "difficulty": float(rng.normal(0, 2)),
+                                 "length": 5 + i % 7}) + "\n")
+    return {"n": ctx.params.n}
+
+
+@stage("toy-learner", version="1", params=LearnerParams)
+def toy_learner(ctx):
+    (ctx.out_dir / "learner.json").write_text(ctx.params.model_dump_json())
+    return {"skill": ctx.params.skill}
+
+
+@stage("toy-grade", version="1", params=GradeParams,
+       inputs={"learner": "the learner graded (toy-learner)", "quiz": "the questions (toy-quiz)"})
+def toy_grade(ctx):
+    import json
+    import zlib
+
+    import numpy as np
+
+    from retro.platform.results import ItemSet, MetricDecl, Results, write_results
+
+    learner = json.loads(ctx.inputs["learner"].file("learner.json").read_text())
+    quiz = [json.loads(x) for x in
+            ctx.inputs["quiz"].file("quiz.jsonl").read_text().splitlines()]
+    p = ctx.params
+    rng = np.random.default_rng(zlib.crc32(f"{learner['arm']}-{p.hint}".encode()))
+    rows = []
+    for q in quiz:
+        score = q["difficulty"] + learner["skill"] + p.hint_bonus * p.hint \
+            + float(rng.normal(0, p.noise))
+        rows.append({"qid": q["qid"], "score": score, "length": q["length"],
+                     "nll": q["length"] * (3 - score / 4)})
+    with open(ctx.out_dir / "graded.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    write_results(ctx.out_dir, Results(
+        family="toy-quiz", subject=["learner"], condition={} if p.hint else {"hint": False},
+        reference=learner["baseline"],
+        sets=[ItemSet(name="quiz", file="graded.jsonl", id="qid", unit="questions",
+                      source=ctx.inputs["quiz"].key, metrics={
+                          "score": MetricDecl(value="score", better="higher", headline=True),
+                          "ppl": MetricDecl(aggregate="exp-ratio", num="nll", den="length",
+                                            better="lower")})]))
+    return {"mean_score": float(np.mean([r["score"] for r in rows]))}
