@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -52,8 +53,10 @@ class PplEvaluator:
         """Prepend the previous chunk's retrieved neighbours to the context of every chunk."""
         context_neighbours: int = Field(1, ge=1)
         """Neighbours (+ continuation) prepended per chunk with `retrieval_context`."""
-        context_window: int = Field(512, ge=0)
-        """Preceding sequence tokens kept after the retrieved text with `retrieval_context`."""
+        context_window: Optional[int] = Field(None, ge=1)
+        """With `retrieval_context`: tokens of retrieved text + preceding sequence tokens +
+        the scored chunk at most; the sequence is cut from the left to fit. None: the sequence
+        length, the window of the no-RAG baseline (same context budget for both)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -136,6 +139,10 @@ def eval_ppl(ctx: StageContext) -> dict[str, Any]:
                         f"{source.db.chunk_length}; they must agree")
     n = min(len(seqs), cfg.max_sequences or len(seqs))
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
+    from retro.components.evaluators.ppl_inputs import text_targets, token_byte_lengths
+
+    byte_lengths = token_byte_lengths(tokenizer)   # document bytes per token; EOD has none
+    text_nll = 0.0
     with ctx.progress(n, ctx.name) as bar, open(ctx.out_dir / "per_sequence.jsonl", "w") as fh:
         for start in range(0, n, cfg.batch_size):
             rows = np.arange(start, min(n, start + cfg.batch_size))
@@ -150,10 +157,14 @@ def eval_ppl(ctx: StageContext) -> dict[str, Any]:
                     nb = nb[:, : -(-(toks.shape[1] - 1) // lm.chunk_length)]
                 nll = token_nll(lm, toks[:, :-1], toks[:, 1:], nb)  # [b, n-1]
             for i, row in enumerate(rows):
-                text = tokenizer.decode(toks[i, 1:].tolist(), skip_special_tokens=True)
-                s_nll, s_bytes = float(nll[i].sum()), len(text.encode("utf-8"))
+                targets = toks[i, 1:].numpy()
+                s_nll, s_bytes = float(nll[i].sum()), int(byte_lengths[targets].sum())
+                s_text_nll = float(nll[i][torch.from_numpy(text_targets(targets,
+                                                                        byte_lengths))].sum())
+                text_nll += s_text_nll
                 fh.write(json.dumps({"seq": int(row), "nll": s_nll,
-                                     "tokens": int(toks.shape[1] - 1), "bytes": s_bytes}) + "\n")
+                                     "tokens": int(toks.shape[1] - 1), "bytes": s_bytes,
+                                     "text_nll": s_text_nll}) + "\n")
                 total_nll += s_nll
                 total_tokens += toks.shape[1] - 1
                 total_bytes += s_bytes
@@ -161,7 +172,7 @@ def eval_ppl(ctx: StageContext) -> dict[str, Any]:
             bar.update(len(rows))
     loss = total_nll / total_tokens
     summary = {"loss": loss, "ppl": math.exp(loss),
-               "bpb": total_nll / math.log(2) / max(total_bytes, 1),
+               "bpb": text_nll / math.log(2) / max(total_bytes, 1),
                "tokens": total_tokens, "bytes": total_bytes, "sequences": n,
                "uses_neighbours": bool(source is not None and lm.is_retro and cfg.encoder
                                        and not cfg.retrieval_context)}
@@ -176,19 +187,28 @@ def _neighbour_source(ctx: StageContext, cfg: PplEvaluator.Config) -> Any:
         return None
     from retro.components.training.neighbours import DBNeighbours
 
+    from retro.components.evaluators.lm import find_model_dir
+    from retro.components.evaluators.ppl_inputs import trained_neighbours
+
+    # what the model trained with (retro-fit's `num_neighbours`) unless the node says otherwise
+    k = cfg.neighbours or trained_neighbours(find_model_dir(Path(ctx.inputs["model"].path)))
     return DBNeighbours(str(ctx.inputs["neighbours"].path), str(ctx.inputs["chunk_db"].path),
-                        str(ctx.inputs["tokens"].path), cfg.neighbours)
+                        str(ctx.inputs["tokens"].path), k)
 
 
 def _in_context_nll(lm: Any, toks: Any, nb_tokens: np.ndarray, m: int,
                     cfg: PplEvaluator.Config) -> Any:
     """NLL [b, n-1] of tokens 1..n-1, chunk j >= 1 (of the DB's chunk length m) scored after
-    the text of chunk j-1's neighbours and up to `context_window` preceding tokens."""
+    the text of chunk j-1's neighbours (EOD padding dropped) and the preceding sequence tokens
+    that fit the window (`ppl_inputs.in_context_prompt`)."""
     import torch
 
     from retro.components.evaluators.lm import token_nll
+    from retro.components.evaluators.ppl_inputs import in_context_prompt
 
     b, n = toks.shape
+    pad_id = int(lm.tokenizer.eos_token_id)       # the DB tokenizer's EOD: the chunks' padding
+    window = cfg.context_window or n
     out = torch.zeros(b, n - 1, dtype=torch.float64)
     first = min(m, n)
     out[:, : first - 1] = token_nll(lm, toks[:, : first - 1], toks[:, 1:first])
@@ -196,10 +216,9 @@ def _in_context_nll(lm: Any, toks: Any, nb_tokens: np.ndarray, m: int,
         lo, hi = j * m, min((j + 1) * m, n)
         prompts, targets = [], []
         for i in range(b):
-            retrieved = nb_tokens[i, j - 1, : cfg.context_neighbours].reshape(-1)
-            retrieved = [int(t) for t in retrieved if t >= 0]
-            prefix = retrieved + toks[i, max(0, lo - cfg.context_window):lo].tolist()
-            prompts.append(prefix or [int(toks[i, lo - 1])])
+            prompts.append(in_context_prompt(toks[i].tolist(), lo, hi,
+                                             nb_tokens[i, j - 1, : cfg.context_neighbours],
+                                             pad_id, window))
             targets.append(toks[i, lo:hi].tolist())
         width = max(len(p) + len(t) for p, t in zip(prompts, targets))
         ids = torch.zeros(b, width, dtype=torch.long)

@@ -70,3 +70,15 @@ def retrieve_for_rows(retriever: Any, tokenizer: Any, tokens: np.ndarray, seq_le
             ids = [p.chunk_id for p in row_hits[:k]]
             out[i, j, :len(ids)] = ids
     return out
+
+
+def neighbours_per_chunk(ids_path: Any, params: Any) -> int:
+    """Neighbours per chunk a retro-fit run feeds: its `num_neighbours` param (a dict or a
+    params model), or, when unset, every neighbour the ids artifact holds."""
+    k = params.get("num_neighbours") if isinstance(params, dict) else getattr(
+        params, "num_neighbours", None)
+    if k:
+        return int(k)
+    path = Path(ids_path)
+    path = path / "neighbours.npy" if path.is_dir() else path
+    return int(np.load(path, mmap_mode="r").shape[-1])

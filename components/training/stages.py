@@ -115,7 +115,12 @@ def retro_fit(ctx: StageContext[RetroFitParams]) -> dict:
     train, valid = _lm_rows(ctx, trainer.seq_length, eod, neighbours=True,
                             k=ctx.params.get("num_neighbours"))
     model = functools.partial(build_fresh, node, vocab, m, retro=True, init_dir=init)
-    return _run(ctx, "retro-fit", model, train, valid, sched, trainer, counts, chunk_length=m)
+    from retro.components.training.neighbours import neighbours_per_chunk
+
+    # recorded in training.json: eval-ppl scores the model with the k it trained with
+    used = neighbours_per_chunk(ctx.inputs["neighbours"].path, ctx.params)
+    return _run(ctx, "retro-fit", model, train, valid, sched, trainer, counts, chunk_length=m,
+                extra={"num_neighbours": used})
 
 
 @stage("gpt-fit", version="2", params=GptFitParams, inputs={**DATA, **INIT}, distributed=True,

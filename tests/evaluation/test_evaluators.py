@@ -8,6 +8,7 @@ weights) are scored by the stage functions, which run inline.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from retro.components.evaluators.metrics import qa_scores
-from retro.components.evaluators.ppl import eval_ppl, eval_ppl_calls
+from retro.components.evaluators.ppl import PplEvaluator, eval_ppl, eval_ppl_calls
 from retro.components.evaluators.qa_data import load_questions
 from retro.components.evaluators.qa import (eval_qa, eval_qa_calls, qa_retrieve,
                                             qa_retrieve_call, read_predictions)
@@ -29,6 +30,8 @@ from tests.evaluation.helpers import (CHUNK, artifacts_by_name, as_artifact, db_
 from tests.models.helpers import tiny
 
 PPL = {"type": "ppl", "max_sequences": 6, "batch_size": 3}
+# scores compared to 1e-5 are computed in fp32 (the node's precision field, where it exists)
+_FP32 = {"precision": "fp32"} if "precision" in PplEvaluator.Config.model_fields else {}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,27 @@ def run_ppl(tmp, db, model, name, **consts):
     inputs = {"model": model, "sequences": db["sequences-valid"], "tokenizer": db["tokenizer"],
               "neighbours": db["neighbours-valid"], "chunk_db": db["chunk-db"],
               "tokens": db["tokenize"]}
-    ctx = stage_ctx(tmp, name, {"evaluator": PPL, **consts}, inputs)
+    ctx = _stage_ctx(tmp, name, "eval-ppl", {"evaluator": {**PPL, **_FP32}, **consts}, inputs)
     return eval_ppl(ctx), ctx
+
+
+def _stage_ctx(tmp, name, stage, params, inputs):
+    """`stage_ctx` for call `name` of stage type `stage`, whichever params contract (plain dict
+    or the stage's typed params model) the stage has."""
+    import dataclasses
+
+    from retro.platform import stage as stage_module
+
+    ctx = stage_ctx(tmp, stage, params, inputs)
+    if hasattr(stage_module, "typed_params"):
+        params = stage_module.typed_params(stage, params)
+    out, work = tmp / name / "out", tmp / name / "work"
+    import shutil
+
+    shutil.rmtree(tmp / name, ignore_errors=True)
+    out.mkdir(parents=True)
+    work.mkdir(parents=True)
+    return dataclasses.replace(ctx, name=name, params=params, out_dir=out, work_dir=work)
 
 
 def test_ppl_retro_gate0_and_gpt(tmp_path, db, models):
@@ -77,18 +99,163 @@ def test_ppl_retro_gate0_and_gpt(tmp_path, db, models):
         assert math.exp(s["loss"]) == pytest.approx(s["ppl"])
         # a random 50k-vocab model is near uniform: loss ~ ln(50257) = 10.8
         assert 9 < s["loss"] < 13
-        assert s["bpb"] == pytest.approx(s["loss"] * s["tokens"] / math.log(2) / s["bytes"])
     rows = [json.loads(x) for x in (ctx.out_dir / "per_sequence.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and sum(r["nll"] for r in rows) == pytest.approx(
         retro["loss"] * retro["tokens"])
     assert [r["step"] for r in metrics_rows(ctx)] == [3, 6]  # streamed per batch
 
 
-def test_ppl_with_retrieved_text_in_context(tmp_path, db, models):
+def test_ppl_with_retrieved_text_in_context(tmp_path, db, models, monkeypatch):
+    """In-context RAG scores chunk j after exactly: chunk j-1's top neighbour and its
+    continuation as the DB stores them (no EOD padding, nothing for a missing continuation),
+    then the preceding tokens of the sequence, cut from the left only so that prompt + chunk
+    fit the no-RAG baseline's window, the sequence length (issue 13 defect 5). The expected
+    prompt is rebuilt here from the chunk table by hand."""
+    from retro.components.evaluators import lm as lm_module
+    from retro.components.retrieval.api import ChunkDB
+
+    seen = []
+    real = lm_module.token_nll
+
+    def spy(lm, ids, labels, neighbours=None):
+        seen.append((ids.clone(), labels.clone()))
+        return real(lm, ids, labels, neighbours)
+
     plain, _ = run_ppl(tmp_path, db, models["gpt"], "plain")
+    monkeypatch.setattr(lm_module, "token_nll", spy)
     in_ctx, _ = run_ppl(tmp_path, db, models["gpt"], "in-ctx", retrieval_context=True)
     assert in_ctx["tokens"] == plain["tokens"] and in_ctx["bytes"] == plain["bytes"]
     assert in_ctx["loss"] != pytest.approx(plain["loss"], abs=1e-6)
+
+    cdb = ChunkDB(db["chunk-db"].path, db["tokenize"].path)
+    seqs = np.load(db["sequences-valid"].path / "tokens.npy")
+    ids = np.load(db["neighbours-valid"].path / "neighbours.npy")
+
+    def chunk(c):          # the chunk's own tokens, no padding
+        _, start, length = cdb.chunks[c]
+        return cdb.tokens[start:start + length].tolist()
+
+    n, m = seqs.shape[1], CHUNK
+    calls = iter(seen)
+    checked = 0
+    for start in range(0, 6, PPL["batch_size"]):
+        next(calls)                                   # chunk 0: the sequence alone
+        for j in range(1, n // m):
+            x, labels = next(calls)
+            for i, row in enumerate(range(start, start + PPL["batch_size"])):
+                c = int(ids[row, j - 1, 0])
+                retrieved = []
+                if c >= 0:
+                    retrieved = chunk(c)
+                    if c + 1 < cdb.n_chunks and cdb.chunks[c + 1][0] == cdb.chunks[c][0]:
+                        retrieved += chunk(c + 1)
+                # the baseline's window: prompt + chunk hold at most n tokens, so the oldest
+                # sequence tokens go first
+                keep = min(j * m, n - len(retrieved) - m)
+                prompt = retrieved + seqs[row, j * m - keep:j * m].tolist()
+                target = seqs[row, j * m:(j + 1) * m].tolist()
+                assert x[i, :len(prompt) + m].tolist() == prompt + target
+                assert labels[i, len(prompt) - 1:len(prompt) - 1 + m].tolist() == target
+                assert (labels[i, :len(prompt) - 1] < 0).all()
+                checked += 1
+    assert checked == 6 * (n // m - 1)
+
+
+def test_in_context_prompt_drops_padding_and_keeps_the_baseline_window():
+    from retro.components.evaluators.ppl_inputs import in_context_prompt
+
+    eod, m = 0, 4
+    seq = list(range(100, 116))                               # n = 16, chunks of 4
+    # one neighbour of 2 tokens (EOD-padded) whose continuation is missing (all EOD), and a
+    # missing second neighbour (-1)
+    retrieved = np.array([[7, 8, eod, eod, eod, eod, eod, eod], [-1] * 8])
+    assert in_context_prompt(seq, 8, 12, retrieved, eod, window=16) == [7, 8] + seq[:8]
+    # a window of 10: prompt + chunk fit 10 tokens, the sequence is cut from the left
+    assert in_context_prompt(seq, 8, 12, retrieved, eod, window=10) == [7, 8] + seq[4:8]
+
+
+def test_ppl_uses_the_neighbours_the_model_trained_with(tmp_path, db, models):
+    """eval-ppl scores a Retro model with the k it trained with (issue 13 defect 3: the 48B
+    spec trains on 2 of 20 saved neighbours): on the same rows it equals the training loop's
+    validation perplexity (components/training/loop.py `evaluate`) to 1e-5."""
+    import shutil
+    from types import SimpleNamespace
+
+    from retro.components.evaluators.lm import load_eval_lm
+    from retro.components.training.data import NpyRows
+    from retro.components.training.loop import evaluate
+    from retro.components.training.stages import db_neighbours
+
+    k = 1                                           # the DB saved 2 per chunk
+    model_dir = tmp_path / "retro-k1"
+    shutil.copytree(models["retro"].path, model_dir)
+    (model_dir / "training.json").write_text(json.dumps({"stage": "retro-fit",
+                                                         "num_neighbours": k}))
+    scores, _ = run_ppl(tmp_path, db, as_artifact(model_dir), "k1")
+    rows = NpyRows(str(db["sequences-valid"].path / "tokens.npy"), 64,
+                   neighbours=functools.partial(
+                       db_neighbours, str(db["neighbours-valid"].path / "neighbours.npy"),
+                       str(db["chunk-db"].path), str(db["tokenize"].path), k),
+                   pad_id=50256)()
+    model = load_eval_lm(model_dir, db["tokenizer"].path).model
+    run = SimpleNamespace(eval_batches=2, micro_batch=3, precision="fp32")
+    val = evaluate(model, rows, run, global_batch=3, rank=0, world=1, device=torch.device("cpu"))
+    assert scores["ppl"] == pytest.approx(val["val_ppl"], rel=1e-5)
+    all_k, _ = run_ppl(tmp_path, db, models["retro"], "all-k")   # no training.json: all 2
+    assert all_k["ppl"] != pytest.approx(val["val_ppl"], rel=1e-5)
+
+
+DOCS = ["Café au lait, naïve façade.", "Straße in 東京 🙂 — done."]
+
+
+def test_bits_per_byte_counts_the_documents_own_bytes(tmp_path, db, models):
+    """bpb as RETRO reports it (REFERENCE §5.4; RETRO §4): bits of the document text over its
+    UTF-8 bytes. Two whole documents between EODs: the byte count must be the documents' own
+    bytes, and the bits those of the tokens that spell them (an EOD has no bytes; its loss
+    counts in ppl, not in bpb). The NLLs come from a plain forward here."""
+    from retro.components.evaluators.lm import load_eval_lm
+    from retro.components.retrieval.api import load_tokenizer
+
+    tok = load_tokenizer(db["tokenizer"])
+    eod = tok.eos_token_id
+    row = [eod]
+    for d in DOCS:
+        row += tok.encode(d, add_special_tokens=False) + [eod]
+    row += [eod] * (32 - len(row))
+    seq_dir = tmp_path / "seqs"
+    seq_dir.mkdir()
+    np.save(seq_dir / "tokens.npy", np.array([row], dtype=np.int32))
+    np.save(seq_dir / "seq_doc_offsets.npy", np.array([0, 2], dtype=np.int64))
+    np.save(seq_dir / "seq_docs.npy", np.array([0, 1], dtype=np.int64))
+    (seq_dir / "meta.json").write_text(json.dumps({"split": "valid", "seq_length": 32,
+                                                   "eod_id": eod}))
+    node = {**PPL, **_FP32}
+    ctx = _stage_ctx(tmp_path, "bpb", "eval-ppl", {"evaluator": node},
+                    {"model": models["gpt"], "sequences": as_artifact(seq_dir, "sequences"),
+                     "tokenizer": db["tokenizer"]})
+    s = eval_ppl(ctx)
+    assert s["bytes"] == sum(len(d.encode("utf-8")) for d in DOCS)
+    model = load_eval_lm(models["gpt"].path, db["tokenizer"].path).model
+    x = torch.tensor([row])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x[:, :-1]).logits.double(), -1)[0]
+    nll = -logp[torch.arange(31), x[0, 1:]]
+    text = x[0, 1:] != eod
+    assert s["bpb"] == pytest.approx(float(nll[text].sum()) / math.log(2) / s["bytes"],
+                                     rel=1e-6)
+    assert s["loss"] == pytest.approx(float(nll.mean()), rel=1e-6)   # ppl keeps the EOD
+
+
+def test_token_bytes_sum_to_the_texts_utf8_bytes(db):
+    from retro.components.evaluators.ppl_inputs import token_byte_lengths
+    from retro.components.retrieval.api import load_tokenizer
+
+    tok = load_tokenizer(db["tokenizer"])
+    lengths = token_byte_lengths(tok)
+    for text in DOCS + [" x" * 5, "\n\ttabs and\nnewlines", "ẞ𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8")), text
+    assert lengths[tok.eos_token_id] == 0
 
 
 def test_qa_retrieve_then_answer_with_and_without_context(tmp_path, db, models, shared_data):
