@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retro.platform.datahash import check_unchanged
 from retro.platform.errors import StageFailed, UserError
 from retro.platform.plan import PlannedStage
 from retro.platform.registry import registry
@@ -51,8 +52,10 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
     work = store.work_dir(node.stage, node.key)
     (work / "metrics.jsonl").unlink(missing_ok=True)
     tracker = build_trackers(p.tracking, p.info) if p.info else build_trackers([], None)
+    sdef = registry.get("stage", node.stage).obj
     ctx = StageContext(
-        name=node.name, stage=node.stage, key=node.key, params=node.params,
+        name=node.name, stage=node.stage, key=node.key,
+        params=sdef.params.model_validate(node.params),
         inputs={slot: store.get(*ref) for slot, ref in p.inputs.items()},
         out_dir=tmp, work_dir=work, seed=node.seed, resources=node.resources, log=log,
         tracker=tracker, variants=list(node.variants), _parallel_map=_ray_parallel_map)
@@ -60,9 +63,9 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
              redact(node.params))
     t0 = time.time()
     try:
-        fn = registry.get("stage", node.stage).obj
-        summary = fn(ctx) or {}
+        summary = sdef(ctx) or {}
         seconds = time.time() - t0
+        check_unchanged(node.name, node.data)  # data rewritten since it was keyed: commit nothing
         if (work / "metrics.jsonl").exists():
             shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
         artifact = store.commit(tmp, node.stage, node.key, {
@@ -70,7 +73,8 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
             "params": restore_env_placeholders(node.params),
             "inputs": {slot: {"stage": s, "key": k} for slot, (s, k) in p.inputs.items()},
             "seconds": round(seconds, 3), "summary": {**ctx.summary, **summary},
-            "packages": _versions()}, replace=node.force)
+            "packages": _versions(),
+            "data": {loc: d.record() for loc, d in node.data.items()}}, replace=node.force)
         tracker.log_metrics({f"summary/{k}": v for k, v in summary.items()
                              if isinstance(v, (int, float))})
         tracker.log_artifact(artifact, {slot: f"{s}/{k}" for slot, (s, k) in p.inputs.items()})

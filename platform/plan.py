@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from retro.platform.errors import SpecError, SpecIssue
+from retro.platform.datahash import DataHasher, DataKeys
 from retro.platform.hashing import content_key
 from retro.platform.registry import close_matches, registry
 from retro.platform.spec import LoadedSpec, Variant
 from retro.platform.spec.model import ResourceRequest
 from retro.platform.spec.types import data_paths, path_exists
-from retro.platform.stage import StageCall
+from retro.platform.stage import Pick, Recipe, StageCall, StageDef
 from retro.platform.store import ArtifactStore
 
 _MISSING = object()
@@ -38,12 +40,14 @@ class PlannedStage:
     cached: bool = False
     force: bool = False           # `retro run --rerun NAME`: recompute even if the key exists
     info: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # spec location -> DataDigest it keys
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "stage": self.stage, "version": self.version,
                 "key": self.key, "params": self.params, "inputs": self.inputs,
                 "resources": self.resources.model_dump(), "distributed": self.distributed,
-                "variants": self.variants, "cached": self.cached, "info": self.info}
+                "variants": self.variants, "cached": self.cached, "info": self.info,
+                "data": {loc: d.to_json() for loc, d in self.data.items()}}
 
 
 @dataclass
@@ -76,8 +80,11 @@ def build_plan(loaded: LoadedSpec, store: ArtifactStore | None = None,
     """
     nodes: dict[str, PlannedStage] = {}
     variants: dict[str, dict[str, str]] = {}
+    # Data enters keys by content, through the store's hash cache (validate only reads it).
+    hasher = DataHasher(store.root if store else loaded.spec.store.path, write=bool(store))
     for variant in loaded.variants:
-        variants[variant.name] = _plan_variant(variant, nodes)
+        variants[variant.name] = _plan_variant(variant, nodes, hasher)
+    hasher.save()
     _check_resources(loaded, variants)
     ordered = list(nodes.values())  # insertion order is topological (inputs planned first)
     if store is not None:
@@ -92,33 +99,97 @@ def build_plan(loaded: LoadedSpec, store: ArtifactStore | None = None,
     return Plan(ordered, variants, sorted(set(missing)))
 
 
-def _plan_variant(variant: Variant, nodes: dict[str, PlannedStage]) -> dict[str, str]:
+def _plan_variant(variant: Variant, nodes: dict[str, PlannedStage],
+                  hasher: DataHasher) -> dict[str, str]:
     spec = variant.spec
+    data_keys = DataKeys(spec, hasher)
     recipe = registry.get("recipe", spec.recipe.type).obj(spec.recipe)
     calls: list[StageCall] = list(recipe.stages(spec))
+    check_wiring(spec.recipe.type, calls)
     dumped = spec.model_dump(mode="json")
     ids: dict[str, str] = {}
     keys: dict[str, str] = {}
     for call in _toposort(calls):
-        entry = registry.get("stage", call.stage)
-        params = {name: _without(_lookup(dumped, path, call), call.omit.get(name, ()))
-                  for name, path in call.reads.items()}
-        params.update(call.consts)
-        input_keys = {slot: keys[src] for slot, src in call.inputs.items()}
-        key = content_key(call.stage, entry.version, params, input_keys)
+        sdef: StageDef = registry.get("stage", call.stage).obj
+        raw = {name: _lookup(dumped, path, call) for name, path in call.reads.items()}
+        params = _params(sdef, {**raw, **call.consts}, spec.recipe.type, call)
+        input_keys = {slot: keys[src.name] for slot, src in call.inputs.items()}
+        key_params, data = data_keys.key_params(call.reads, params, call.consts)
+        key = content_key(call.stage, sdef.version, key_params, input_keys)
         node_id = f"{call.name}@{key[:8]}"
         if node_id not in nodes:
             nodes[node_id] = PlannedStage(
-                node_id, call.name, call.stage, entry.version, key, params,
-                {slot: ids[src] for slot, src in call.inputs.items()},
-                spec.resources.stages.get(call.name, spec.resources.default),
-                call.distributed, spec.seed)
+                node_id, call.name, call.stage, sdef.version, key, params,
+                {slot: ids[src.name] for slot, src in call.inputs.items()},
+                stage_resources(spec.resources, call.name),
+                sdef.distributed, spec.seed)
+            nodes[node_id].data = data
         nodes[node_id].variants.append(variant.name)
         ids[call.name], keys[call.name] = node_id, key
     return ids
 
 
-def _lookup(data: Any, path: str, call: StageCall) -> Any:
+def stage_resources(resources: Any, name: str) -> ResourceRequest:
+    """`resources.stages.<name>` over `resources.default`: the fields the entry sets win."""
+    entry = resources.stages.get(name)
+    if entry is None:
+        return resources.default
+    return resources.default.model_copy(update={f: getattr(entry, f)
+                                                for f in entry.model_fields_set})
+
+
+def check_wiring(recipe: str, calls: list[StageCall]) -> None:
+    """Every call names a declared stage, passes each required slot it declares and no other.
+
+    Raises:
+        SpecError: one issue per problem, naming recipe, call, stage and slot.
+    """
+    issues = []
+    for call in calls:
+        where = f"recipe {recipe!r}, stage call {call.name!r} (stage {call.stage!r})"
+        try:
+            sdef = registry.get("stage", call.stage).obj
+        except Exception as e:  # noqa: BLE001 - ComponentNotFound with close matches
+            issues.append(SpecIssue("recipe", f"{where}: {e}"))
+            continue
+        declared = sorted(sdef.inputs)
+        for slot in call.inputs:
+            if slot not in sdef.inputs:
+                close = close_matches(slot, declared)
+                issues.append(SpecIssue("recipe", f"{where} passes input slot {slot!r}, which "
+                                        "the stage does not declare", hint=(
+                                            f"did you mean {close[0]!r}? " if close else "")
+                                        + f"its slots: {', '.join(declared) or '(none)'}"))
+        for slot in sdef.required:
+            if slot not in call.inputs:
+                issues.append(SpecIssue("recipe", f"{where} misses required input slot "
+                                        f"{slot!r} ({sdef.inputs[slot].doc})",
+                                        hint=f"its slots: {', '.join(declared)}"))
+        for slot, src in call.inputs.items():
+            if not isinstance(src, StageCall):
+                issues.append(SpecIssue("recipe", f"{where}: input {slot!r} must be the "
+                                        f"StageCall handle of its producer, not {src!r}"))
+    if issues:
+        raise SpecError(issues)
+
+
+def _params(sdef: StageDef, values: dict[str, Any], recipe: str, call: StageCall) -> dict:
+    """The read values validated into the stage's params model, dumped: exactly the key's
+    params (fields the model does not declare never reach the stage)."""
+    try:
+        return sdef.params.model_validate(values).model_dump(mode="json")
+    except ValidationError as e:
+        raise SpecError([SpecIssue(
+            "recipe", f"recipe {recipe!r}, stage call {call.name!r} (stage {call.stage!r}): "
+            f"param {'.'.join(map(str, err['loc'])) or '(root)'}: {err['msg']}",
+            hint=f"declared params: {', '.join(sdef.params.model_fields) or '(none)'}")
+            for err in e.errors()]) from None
+
+
+def _lookup(data: Any, path: "str | Pick", call: StageCall) -> Any:
+    if isinstance(path, Pick):
+        value = _lookup(data, path.path, call)
+        return {k: v for k, v in value.items() if k in ("type", *path.fields)}
     node = data
     for part in path.split(".") if path else []:
         if isinstance(node, dict) and part in node:
@@ -133,20 +204,12 @@ def _lookup(data: Any, path: str, call: StageCall) -> Any:
 def _estimate(node: PlannedStage, spec: Any) -> dict[str, Any]:
     """`retro plan`'s info column: the stage's own estimate, then its recipe's (which sees the
     whole spec, e.g. to count parameters and cost a training stage)."""
-    info: dict[str, Any] = {}
-    estimate = getattr(registry.get("stage", node.stage).obj, "estimate", None)
-    if estimate is not None:
-        info.update(estimate(node.params))
-    recipe = registry.get("recipe", spec.recipe.type).obj(spec.recipe)
-    if hasattr(recipe, "estimate"):
-        info.update(recipe.estimate(spec, node.name, node.params) or {})
+    sdef: StageDef = registry.get("stage", node.stage).obj
+    params = sdef.params.model_validate(node.params)
+    info = sdef.estimate(params)
+    recipe: Recipe = registry.get("recipe", spec.recipe.type).obj(spec.recipe)
+    info.update(recipe.estimate(spec, node.name, params) or {})
     return info
-
-
-def _without(value: Any, keys: tuple[str, ...]) -> Any:
-    if not keys or not isinstance(value, dict):
-        return value
-    return {k: v for k, v in value.items() if k not in keys}
 
 
 def _toposort(calls: list[StageCall]) -> list[StageCall]:
@@ -162,9 +225,10 @@ def _toposort(calls: list[StageCall]) -> list[StageCall]:
             raise ValueError(f"recipe produced a cycle through stage {c.name!r}")
         state[c.name] = "active"
         for src in c.inputs.values():
-            if src not in by_name:
-                raise ValueError(f"stage {c.name!r} takes input from unknown stage {src!r}")
-            visit(by_name[src])
+            if by_name.get(src.name) is not src:
+                raise ValueError(f"stage {c.name!r} takes input from {src.name!r}, a call the "
+                                 "recipe did not return")
+            visit(src)
         state[c.name] = "done"
         out.append(c)
 

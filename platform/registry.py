@@ -137,11 +137,20 @@ class Registry:
             known = self.names(kind)
             raise ComponentNotFound(kind, name, known, close_matches(name, known)) from None
 
-    def snapshot(self) -> dict[str, dict[str, Entry]]:
-        return {k: dict(v) for k, v in self._entries.items()}
+    def build(self, kind: str, node: Any, **runtime: Any) -> Any:
+        """The one way from a spec node to an object: `Component(validated node, **runtime)`.
 
-    def restore(self, snap: dict[str, dict[str, Entry]]) -> None:
-        self._entries = {k: dict(v) for k, v in snap.items()}
+        Args:
+            kind: registry kind (`corpus`, `embedder`, ...).
+            node: a validated node model, or its JSON form with its `type` (stage params
+                shipped to workers).
+            runtime: what the component needs besides its config (e.g. an embedding dim).
+        """
+        self.load_plugins()
+        if isinstance(node, BaseModel):
+            node = node.model_dump(mode="json")
+        entry = self.get(kind, node["type"])
+        return entry.obj(entry.node_model().model_validate(node), **runtime)
 
 
 def close_matches(name: str, candidates) -> list[str]:

@@ -1,16 +1,28 @@
-"""The stage contract: what a recipe asks for, and what a stage function receives.
+"""The stage contract: what a stage declares, what a recipe asks for, what a stage receives.
 
-A stage is a function registered under kind `stage`:
+A stage is a function declared with its typed params and its named input slots:
 
-    @register("stage", "chunk-db", version="1")
-    def chunk_db(ctx: StageContext) -> dict | None:
+    class ChunkDbParams(StageParams):
+        chunk_length: int
+
+    @stage("chunk-db", version="2", params=ChunkDbParams,
+           inputs={"tokens": "tokenized documents (tokenize)"})
+    def chunk_db(ctx: StageContext[ChunkDbParams]) -> dict | None:
         tokens = ctx.inputs["tokens"]            # an Artifact
+        n = ctx.params.chunk_length              # the validated params model
         ...write files into ctx.out_dir...
         return {"n_chunks": n}                   # summary metrics for the manifest
 
-It is pure: its output depends only on `ctx.params` (the spec fields it reads), its input
-artifacts and its version, which is exactly what its content key hashes. It never reads the cwd
-or global paths and never imports the scheduler; it parallelises through `ctx.parallel_map`.
+A recipe asks for it with `StageCall("chunk-db", "chunk-db", reads={"chunk_length":
+"retriever.chunk_length"}, inputs={"tokens": tokenize_call})`: inputs are the handles (the
+`StageCall`s) of the producing calls. The planner checks every call against the declaration
+(unknown or missing slots and params are spec errors naming recipe, stage and slot), validates
+the read values into the params model, and keys the stage by exactly that model's dump.
+
+It is pure: its output depends only on `ctx.params`, its input artifacts and its version, which
+is exactly what its content key hashes. It never reads the cwd or global paths and never imports
+the scheduler; it parallelises through `ctx.parallel_map`. Execution settings (workers,
+failures, checkpoint cadence, sharding) come in `ctx.resources` and never enter the key.
 """
 
 from __future__ import annotations
@@ -21,38 +33,152 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Generic, Iterable, Optional, Protocol, TypeVar
 
+from pydantic import BaseModel, ConfigDict
+
+from retro.platform.errors import SpecIssue
+from retro.platform.registry import StrictModel, register
 from retro.platform.spec.model import ResourceRequest
 from retro.platform.store import Artifact
 
 
+class StageParams(StrictModel):
+    """Base of every stage's params model: exactly the values its key covers."""
+
+
+class NoParams(StageParams):
+    """A stage that reads no spec value."""
+
+
 @dataclass(frozen=True)
+class Slot:
+    """A named input of a stage: the artifact of another call."""
+
+    doc: str = ""
+    optional: bool = False
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+class StageDef(Generic[P]):
+    """A declared stage: its function, version, params model, input slots and plan hooks.
+
+    Calling it calls the function, so `tokenize(ctx)` still works in tests.
+    """
+
+    def __init__(self, name: str, fn: Callable[["StageContext"], Any], version: str,
+                 params: type[P], inputs: dict[str, Slot], distributed: bool,
+                 estimate: Callable[[P], dict[str, Any]] | None) -> None:
+        self.name, self.fn, self.version, self.params = name, fn, version, params
+        self.inputs, self.distributed, self._estimate = inputs, distributed, estimate
+        self.__doc__, self.__module__ = fn.__doc__, fn.__module__
+        self.__name__ = getattr(fn, "__name__", name)
+
+    def __call__(self, ctx: "StageContext") -> Any:
+        return self.fn(ctx)
+
+    def estimate(self, params: P) -> dict[str, Any]:
+        """`retro plan`'s info for this stage (empty unless the stage declared a hook)."""
+        return dict(self._estimate(params) or {}) if self._estimate else {}
+
+    @property
+    def required(self) -> list[str]:
+        return [s for s, slot in self.inputs.items() if not slot.optional]
+
+
+def stage(name: str, *, version: str, params: type[BaseModel] = NoParams,
+          inputs: dict[str, str | Slot] | None = None, distributed: bool = False,
+          estimate: Callable[[Any], dict[str, Any]] | None = None) -> Callable[[Any], StageDef]:
+    """Declare and register a stage.
+
+    Args:
+        name: the stage type recipes name in `StageCall.stage`.
+        version: part of the content key; bump it when the outputs change.
+        params: the pydantic model of its params; `ctx.params` is an instance of it.
+        inputs: slot -> description (`str`, required) or `Slot(doc, optional=True)`.
+        distributed: the stage spreads its own work (shards or Ray Train workers), so its
+            launching task reserves no CPU itself.
+        estimate: `params -> {label: value}` for `retro plan`'s info column.
+    """
+    slots = {k: v if isinstance(v, Slot) else Slot(v) for k, v in (inputs or {}).items()}
+
+    def deco(fn: Callable[["StageContext"], Any]) -> StageDef:
+        d = StageDef(name, fn, version, params, slots, distributed, estimate)
+        register("stage", name, version=version)(d)
+        return d
+
+    return deco
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A read of only some fields of a spec mapping (a component node keeps its `type`): the
+    positive list of what one call depends on, e.g. `Pick("eval.0", ("split", "batch_size"))`.
+    The other fields take their defaults when the stage's params model validates the value."""
+
+    path: str
+    fields: tuple[str, ...]
+
+
+@dataclass(eq=False)
 class StageCall:
-    """One node a recipe asks for, before keys are computed.
+    """One node a recipe asks for, before keys are computed; also the handle other calls pass
+    as an input.
 
     Attributes:
         name: node name, unique within a variant (`embed`, `retro-fit`, `eval-ppl-gate0`);
             also the key into `resources.stages`.
         stage: registered stage type that computes it.
-        reads: param name -> dotted spec path. These values (and only these) reach the stage
-            and its key.
+        reads: param name -> dotted spec path, or a `Pick` of some fields there. These values
+            (validated into the stage's params model, which keeps only the fields it declares)
+            reach the stage and its key.
         consts: recipe-chosen constant params (also part of the key).
-        inputs: input slot -> name of another call of the same variant.
-        distributed: the stage spreads its own work (shards or Ray Train workers), so its
-            launching task reserves no CPU itself.
-        omit: param name -> keys dropped from that (mapping) value before the stage sees it,
-            e.g. `{"model": ["freeze"]}` for a stage the freeze policy cannot affect: the
-            dropped fields neither reach the stage nor enter its key.
+        inputs: input slot -> the `StageCall` producing it (a handle).
     """
 
     name: str
     stage: str
-    reads: dict[str, str] = field(default_factory=dict)
+    reads: dict[str, "str | Pick"] = field(default_factory=dict)
     consts: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, str] = field(default_factory=dict)
-    distributed: bool = False
-    omit: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    inputs: dict[str, "StageCall"] = field(default_factory=dict)
+
+
+def typed_params(stage_type: str, values: dict[str, Any]) -> BaseModel:
+    """`values` validated into the params model of stage `stage_type` (tests, tools)."""
+    from retro.platform.registry import registry
+
+    registry.load_plugins()
+    return registry.get("stage", stage_type).obj.params.model_validate(values)
+
+
+class Recipe(Protocol):
+    """Turns a validated spec into the stage calls of one experiment (kind `recipe`).
+
+    Subclass `BaseRecipe` for the optional hooks' defaults."""
+
+    def check(self, spec: Any) -> list[SpecIssue]:
+        """Cross-field problems of `spec` this recipe cannot run with."""
+
+    def stages(self, spec: Any) -> list[StageCall]:
+        """The calls, in any order; inputs are other calls of the list."""
+
+    def estimate(self, spec: Any, name: str, params: Any) -> dict[str, Any]:
+        """Extra `retro plan` info for call `name` (e.g. parameters and cost of training)."""
+
+
+class BaseRecipe:
+    """Defaults of the optional `Recipe` hooks; a recipe's `Config` arrives as `self.config`."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def check(self, spec: Any) -> list[SpecIssue]:
+        return []
+
+    def estimate(self, spec: Any, name: str, params: Any) -> dict[str, Any]:
+        return {}
 
 
 class Tracker(Protocol):
@@ -71,13 +197,13 @@ ParallelMap = Callable[[Callable[[Any], Any], list, ResourceRequest], list]
 
 
 @dataclass
-class StageContext:
+class StageContext(Generic[P]):
     """Everything a stage may use. Built by the platform, one per execution."""
 
     name: str
     stage: str
     key: str
-    params: dict[str, Any]
+    params: P
     inputs: dict[str, Artifact]
     out_dir: Path
     work_dir: Path

@@ -6,10 +6,10 @@ set of consts in the call's key, and an override of the evaluator node's fields 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from retro.platform.registry import registry
-from retro.platform.stage import StageCall
+from retro.platform.spec.node import Node
+from retro.platform.stage import Pick, StageCall, StageParams
 
 ABLATIONS = ("encoder", "retrieval_context", "context_in_encoder_only")
 
@@ -26,16 +26,31 @@ def ablation_tag(overrides: dict[str, bool]) -> str:
                    for k, v in overrides.items())
 
 
+class EvalParams(StageParams):
+    """An evaluator stage's params: its node (only the fields the call depends on) and the
+    ablation switches that override them."""
+
+    evaluator: Node("evaluator")
+    """The evaluator node."""
+    encoder: Optional[bool] = None
+    """Ablation: False sets the CCA gate to 0."""
+    retrieval_context: Optional[bool] = None
+    """Ablation: retrieved text in (True) or out of (False) the model's input."""
+    context_in_encoder_only: Optional[bool] = None
+    """Ablation (QA): passages reach the encoder only, never the prompt."""
+
+
 def ablation_call(stage: str, suffix: str, overrides: dict[str, bool], eval_path: str,
-                  omit: tuple[str, ...], inputs: dict[str, str]) -> StageCall:
-    """One evaluator stage call: reads the evaluator node, minus the `omit` fields its output
-    cannot depend on, with the ablation's overrides as consts."""
+                  fields: tuple[str, ...], inputs: dict[str, StageCall]) -> StageCall:
+    """One evaluator stage call: reads the evaluator node's `fields` (the positive list of
+    what this call's output depends on; an overridden field is a const instead)."""
     return StageCall(f"{stage}{'-' + suffix if suffix else ''}{ablation_tag(overrides)}", stage,
-                     reads={"evaluator": eval_path}, consts=dict(overrides),
-                     omit={"evaluator": tuple(overrides) + omit}, inputs=inputs)
+                     reads={"evaluator": Pick(eval_path, tuple(f for f in fields
+                                                               if f not in overrides))},
+                     consts=dict(overrides), inputs=inputs)
 
 
-def evaluator_settings(kind: str, params: dict[str, Any]) -> Any:
-    """The evaluator config of a stage: its `evaluator` node with the ablation consts applied."""
-    node = registry.get("evaluator", kind).node_model().model_validate(params["evaluator"])
-    return node.model_copy(update={k: params[k] for k in ABLATIONS if k in params})
+def evaluator_settings(params: EvalParams) -> Any:
+    """The evaluator config of a stage: its node with the ablation consts applied."""
+    return params.evaluator.model_copy(update={
+        k: getattr(params, k) for k in ABLATIONS if getattr(params, k) is not None})

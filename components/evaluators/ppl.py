@@ -27,9 +27,18 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import Field
 
-from retro.components.evaluators.ablation import ablation_call, evaluator_settings
+from retro.components.evaluators.ablation import EvalParams, ablation_call, evaluator_settings
+from retro.components.evaluators.results import declare_ppl
+from retro.components.precision import Precision, autocast, stage_precision
 from retro.platform.registry import StrictModel, register
-from retro.platform.stage import StageCall, StageContext
+from retro.platform.stage import Slot, StageCall, StageContext, stage
+
+# What an eval-ppl call's result depends on, by what it is wired with (positive lists; a test
+# checks every Config field is in one of them).
+PPL_FIELDS = ("split", "max_sequences", "batch_size", "encoder", "retrieval_context",
+              "precision")
+NEIGHBOUR_FIELDS = ("neighbours",)
+CONTEXT_FIELDS = ("context_neighbours", "context_window")
 
 
 
@@ -57,52 +66,71 @@ class PplEvaluator:
         """With `retrieval_context`: tokens of retrieved text + preceding sequence tokens +
         the scored chunk at most; the sequence is cut from the left to fit. None: the sequence
         length, the window of the no-RAG baseline (same context budget for both)."""
+        precision: Precision = "auto"
+        """Model compute precision: `auto` (bf16 autocast where the hardware computes bf16 fast:
+        AMX / AVX512-BF16 CPUs, CUDA compute capability >= 8.0; else fp32), `bf16` or `fp32`;
+        NLLs are summed in float64 either way (docs/precision.md)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
 
-def eval_ppl_calls(eval_path: str, model_call: str, *, split: str = "valid", suffix: str = "",
+def eval_ppl_calls(eval_path: str, model: StageCall, db: list[StageCall], *,
+                   split: str = "valid", suffix: str = "",
                    ablations: list[dict[str, bool]] | None = None, retro_model: bool = True
                    ) -> list[StageCall]:
     """`eval-ppl` calls for one model with the ppl evaluator at `eval_path` (e.g. `eval.0`).
 
-    Wires `sequences-<split>`, `tokenizer`, and (when neighbours are used) `neighbours-<split>`,
-    `chunk-db`, `tokenize`: the names `retrieval.api.db_stage_calls(spec, splits=(..., split))`
-    gives them.
-
     Args:
         eval_path: dotted path of the evaluator node.
-        model_call: call producing the model folder.
+        model: the call producing the model folder.
+        db: the calls of `retrieval.api.db_stage_calls(spec, splits=(..., split))`; wires
+            `sequences-<split>`, `tokenizer` and, when neighbours are used,
+            `neighbours-<split>`, `chunk-db`, `tokenize`.
         split: the sequences split (must match the node's `split`).
         suffix: model name in the call names: `eval-ppl-<suffix>[-<ablation>]`.
         ablations: one call per dict of overrides, e.g. [{}, {"encoder": False}].
         retro_model: the model may read neighbours (else they are not wired for encoder-on
             calls, so a GPT's ppl does not depend on the retriever).
     """
+    by_name = {c.name: c for c in db}
     calls = []
     for overrides in ablations or [{}]:
-        inputs = {"model": model_call, "sequences": f"sequences-{split}",
-                  "tokenizer": "tokenizer"}
+        inputs = {"model": model, "sequences": by_name[f"sequences-{split}"],
+                  "tokenizer": by_name["tokenizer"]}
         in_context = overrides.get("retrieval_context", False)
+        fields = PPL_FIELDS
         if in_context or (retro_model and overrides.get("encoder", True)):
-            inputs |= {"neighbours": f"neighbours-{split}", "chunk_db": "chunk-db",
-                       "tokens": "tokenize"}
-        # fields that cannot change this call's output stay out of its key (`retrieval_context`
-        # itself stays unless overridden: the node may turn it on)
-        omit = () if "neighbours" in inputs else ("neighbours",)
-        if "retrieval_context" in overrides and not in_context:
-            omit += ("context_neighbours", "context_window")
-        calls.append(ablation_call("eval-ppl", suffix, overrides, eval_path, omit, inputs))
+            inputs |= {"neighbours": by_name[f"neighbours-{split}"],
+                       "chunk_db": by_name["chunk-db"], "tokens": by_name["tokenize"]}
+            fields += NEIGHBOUR_FIELDS
+        if overrides.get("retrieval_context", True):   # the node may turn it on
+            fields += CONTEXT_FIELDS
+        calls.append(ablation_call("eval-ppl", suffix, overrides, eval_path, fields, inputs))
     return calls
 
 
-def settings(params: dict[str, Any]) -> PplEvaluator.Config:
-    return evaluator_settings("ppl", params)
+def settings(params: EvalParams) -> PplEvaluator.Config:
+    return evaluator_settings(params)
 
 
-@register("stage", "eval-ppl", version="1")
-def eval_ppl(ctx: StageContext) -> dict[str, Any]:
+_NB = "with neighbours (Retro encoder or retrieval_context): "
+
+
+def _estimate(params: EvalParams) -> dict[str, Any]:
+    from retro.components.precision import precision_info
+
+    return precision_info(params, "evaluator")
+
+
+@stage("eval-ppl", version="2", params=EvalParams, estimate=_estimate,
+       inputs={"model": "the model folder (a training stage)",
+               "sequences": "held-out sequences (sequences-valid)",
+               "tokenizer": "the DB tokenizer, for bytes (tokenizer)",
+               "neighbours": Slot(_NB + "their neighbours (neighbours-valid)", optional=True),
+               "chunk_db": Slot(_NB + "the chunk table (chunk-db)", optional=True),
+               "tokens": Slot(_NB + "document tokens (tokenize)", optional=True)})
+def eval_ppl(ctx: StageContext[EvalParams]) -> dict[str, Any]:
     """Perplexity, mean NLL (nats/token) and bits per byte of one model on held-out sequences.
 
     Params: `evaluator` (the ppl node), optional consts `encoder`, `retrieval_context`.
@@ -143,19 +171,25 @@ def eval_ppl(ctx: StageContext) -> dict[str, Any]:
 
     byte_lengths = token_byte_lengths(tokenizer)   # document bytes per token; EOD has none
     text_nll = 0.0
-    with ctx.progress(n, ctx.name) as bar, open(ctx.out_dir / "per_sequence.jsonl", "w") as fh:
+    precision = stage_precision(ctx, cfg.precision, "cpu")
+    with ctx.progress(n, ctx.name) as bar, open(ctx.out_dir / "per_sequence.jsonl", "w") as fh, \
+            autocast(precision, "cpu"):
         for start in range(0, n, cfg.batch_size):
             rows = np.arange(start, min(n, start + cfg.batch_size))
-            toks = torch.from_numpy(np.asarray(seqs.tokens[rows], dtype=np.int64))  # [b, n]
+            with ctx.timer("io"):
+                toks = torch.from_numpy(np.asarray(seqs.tokens[rows], dtype=np.int64))
+                nb_tokens = source.tokens(rows) if source is not None and (
+                    cfg.retrieval_context or (lm.is_retro and cfg.encoder)) else None
             if cfg.retrieval_context:
-                nll = _in_context_nll(lm, toks, source.tokens(rows), source.db.chunk_length,
-                                      cfg)
+                with ctx.timer("forward"):
+                    nll = _in_context_nll(lm, toks, nb_tokens, source.db.chunk_length, cfg)
             else:
                 nb = None
-                if source is not None and lm.is_retro and cfg.encoder:
-                    nb = torch.from_numpy(source.tokens(rows))  # [b, chunks, k, 2m]
+                if nb_tokens is not None:
+                    nb = torch.from_numpy(nb_tokens)  # [b, chunks, k, 2m]
                     nb = nb[:, : -(-(toks.shape[1] - 1) // lm.chunk_length)]
-                nll = token_nll(lm, toks[:, :-1], toks[:, 1:], nb)  # [b, n-1]
+                with ctx.timer("forward"):
+                    nll = token_nll(lm, toks[:, :-1], toks[:, 1:], nb)  # [b, n-1]
             for i, row in enumerate(rows):
                 targets = toks[i, 1:].numpy()
                 s_nll, s_bytes = float(nll[i].sum()), int(byte_lengths[targets].sum())
@@ -179,6 +213,7 @@ def eval_ppl(ctx: StageContext) -> dict[str, Any]:
     (ctx.out_dir / "scores.json").write_text(json.dumps(
         {"settings": cfg.model_dump(mode="json"), "model_is_retro": lm.is_retro,
          "scores": summary}, indent=2))
+    declare_ppl(ctx, cfg, lm.is_retro, PPL_FIELDS, bpb_num="text_nll")  # for `retro report`
     return summary
 
 

@@ -30,14 +30,23 @@ from pydantic import Field, model_validator
 
 from retro.components.evaluators.metrics import answer_in_text, mean, qa_scores
 from retro.components.evaluators.prompts import PromptFormat
-from retro.components.evaluators.qa_data import DatasetName, load_questions
-from retro.components.evaluators.ablation import ablation_call, evaluator_settings
+from retro.components.evaluators.qa_data import FILES, DatasetName, load_questions
+from retro.components.evaluators.ablation import EvalParams, ablation_call, evaluator_settings
+from retro.components.evaluators.results import declare_qa
 from retro.components.precision import Precision, autocast, stage_precision
 from retro.platform.registry import StrictModel, register
+from retro.platform.spec.node import NodeFields
 from retro.platform.spec.types import DataPath
-from retro.platform.stage import StageCall, StageContext
+from retro.platform.stage import Pick, Slot, StageCall, StageContext, StageParams, stage
 
 RETRIEVE_FIELDS = ("datasets", "data_dir", "limit", "answer_in_corpus", "retrieve_k")
+# What an eval-qa call's result depends on (positive lists; a test checks every Config field
+# is in one of them): always QA_FIELDS, and CONTEXT_FIELDS when it is wired with passages.
+QA_FIELDS = ("datasets", "data_dir", "limit", "answer_in_corpus", "retrieval_context",
+             "encoder", "prompt", "max_new_tokens", "max_prompt_tokens", "stop_at_newline",
+             "precision")
+CONTEXT_FIELDS = ("retrieve_k", "passages", "encoder_neighbours", "replug", "replug_temperature",
+                  "context_in_encoder_only")
 
 
 @register("evaluator", "qa")
@@ -99,45 +108,45 @@ class QAEvaluator:
                                  f"({self.retrieve_k})")
             return self
 
+        def data_files(self) -> dict[str, tuple[str, ...]]:
+            """Only the chosen datasets' files under `data_dir` enter stage keys."""
+            return {"data_dir": tuple(FILES[name] for name in self.datasets)}
+
     def __init__(self, config: Config) -> None:
         self.config = config
 
 
-def qa_retrieve_call(spec: Any, eval_path: str, name: str = "qa-retrieve",
-                     query_encoder_call: str | None = None) -> StageCall:
+def qa_retrieve_call(spec: Any, db: list[StageCall], eval_path: str,
+                     name: str = "qa-retrieve", query_encoder: StageCall | None = None
+                     ) -> StageCall:
     """The `qa-retrieve` call for the qa evaluator at `eval_path` (e.g. `eval.1`).
 
-    Uses the spec's `retriever` and the retrieval DB calls of
-    `retro.components.retrieval.api.db_stage_calls` (tokenizer, tokenize, chunk-db, fill-index
-    or bm25-index), which the recipe must include. One call serves every model.
-    `query_encoder_call` (dense only): a call whose artifact holds a fine-tuned query encoder
+    Uses the spec's `retriever` over the retrieval DB calls `db` (those of
+    `retro.components.retrieval.api.db_stage_calls`). One call serves every model.
+    `query_encoder` (dense only): a call whose artifact holds a fine-tuned query encoder
     (RA-DIT's `lsr`), used for the questions instead of the embedder.
     """
     from retro.components.retrieval.api import retriever_inputs
 
-    reads = {f: f"{eval_path}.{f}" for f in RETRIEVE_FIELDS} | {"retriever_type": "retriever.type"}
-    if spec.retriever.type == "bm25":
-        reads["stopwords"] = "retriever.stopwords"
-    else:
-        reads |= {"embedder": "retriever.embedder", "index": "retriever.index"}
-    inputs = retriever_inputs(spec)
-    if query_encoder_call:
-        inputs["query_encoder"] = query_encoder_call
-    return StageCall(name, "qa-retrieve", reads=reads, inputs=inputs)
+    inputs = retriever_inputs(db)
+    if query_encoder is not None:
+        inputs["query_encoder"] = query_encoder
+    return StageCall(name, "qa-retrieve", reads={"evaluator": Pick(eval_path, RETRIEVE_FIELDS),
+                                                 "retriever": "retriever"}, inputs=inputs)
 
 
-def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None = "qa-retrieve",
-                  suffix: str = "", tokenizer_call: str | None = None,
+def eval_qa_calls(eval_path: str, model: StageCall, *, contexts: StageCall | None = None,
+                  suffix: str = "", tokenizer: StageCall | None = None,
                   ablations: list[dict[str, bool]] | None = None, retro_model: bool = True
                   ) -> list[StageCall]:
     """`eval-qa` calls evaluating one model with the qa evaluator at `eval_path`.
 
     Args:
         eval_path: dotted path of the evaluator node, e.g. `eval.1`.
-        model_call: call producing the model folder (Retro checkpoint or HF model).
-        contexts_call: the `qa-retrieve` call (None: closed-book only).
+        model: the call producing the model folder (Retro checkpoint or HF model).
+        contexts: the `qa-retrieve` call (None: closed-book only).
         suffix: model name in the call names: `eval-qa-<suffix>[-<ablation>]`.
-        tokenizer_call: call producing a tokenizer folder, when the model folder has none.
+        tokenizer: a call producing a tokenizer folder, when the model folder has none.
         ablations: one call per dict of overrides, e.g. [{}, {"encoder": False},
             {"retrieval_context": False}]; default [{}] (the node as written). Names get
             `-ctx-off`, `-encoder-off`, ...
@@ -150,27 +159,37 @@ def eval_qa_calls(eval_path: str, model_call: str, *, contexts_call: str | None 
         needs = overrides.get("retrieval_context", True) or (
             retro_model and overrides.get("encoder", True)
             and overrides.get("context_in_encoder_only", False))
-        inputs = {"model": model_call}
-        if tokenizer_call:
-            inputs["tokenizer"] = tokenizer_call
-        if contexts_call and needs:
-            inputs["contexts"] = contexts_call
-        # fields that cannot change this call's output stay out of its key
-        omit = () if "contexts" in inputs else ("retrieve_k", "passages", "encoder_neighbours",
-                                                "replug", "replug_temperature",
-                                                "context_in_encoder_only")
-        calls.append(ablation_call("eval-qa", suffix, overrides, eval_path, omit, inputs))
+        inputs = {"model": model}
+        if tokenizer is not None:
+            inputs["tokenizer"] = tokenizer
+        fields = QA_FIELDS
+        if contexts is not None and needs:
+            inputs["contexts"] = contexts
+            fields += CONTEXT_FIELDS
+        calls.append(ablation_call("eval-qa", suffix, overrides, eval_path, fields, inputs))
     return calls
 
 
-def settings(params: dict[str, Any]) -> QAEvaluator.Config:
-    return evaluator_settings("qa", params)
+def settings(params: EvalParams) -> QAEvaluator.Config:
+    return evaluator_settings(params)
 
 
 # ------------------------------------------------------------------------------ qa-retrieve
 
-@register("stage", "qa-retrieve", version="1")
-def qa_retrieve(ctx: StageContext) -> dict[str, Any]:
+class QaRetrieveParams(StageParams):
+    evaluator: NodeFields("evaluator", *RETRIEVE_FIELDS)
+    """The qa node's question set and `retrieve_k`."""
+    retriever: NodeFields("retriever", "embedder", "index", "stopwords")
+    """What searching needs: the encoder and index (dense) or the stopwords (bm25)."""
+
+
+@stage("qa-retrieve", version="2", params=QaRetrieveParams,
+       inputs={"tokenizer": "the DB tokenizer (tokenizer)", "tokens": "document tokens (tokenize)",
+               "chunk_db": "the chunk table (chunk-db)",
+               "index": Slot("dense retrievers: the filled index (fill-index)", optional=True),
+               "bm25": Slot("bm25 retrievers: the BM25 index (bm25-index)", optional=True),
+               "query_encoder": Slot("a fine-tuned query encoder (lsr)", optional=True)})
+def qa_retrieve(ctx: StageContext[QaRetrieveParams]) -> dict[str, Any]:
     """Top-`retrieve_k` passages for every question, and answer recall@{1, 5, k}.
 
     Params: datasets, data_dir, limit, answer_in_corpus, retrieve_k (the evaluator's fields);
@@ -184,9 +203,8 @@ def qa_retrieve(ctx: StageContext) -> dict[str, Any]:
 
     from retro.components.retrieval.api import Retriever
 
-    p = ctx.params
-    node = {"type": p["retriever_type"],
-            **{k: p[k] for k in ("embedder", "index", "stopwords") if k in p}}
+    p = ctx.params.evaluator.model_dump(mode="json")
+    node = ctx.params.retriever.model_dump(mode="json")
     retriever = Retriever.from_artifacts(node, ctx.inputs, query_encoder=_query_encoder(ctx))
     out = ctx.out_dir / "contexts"
     out.mkdir()
@@ -219,22 +237,28 @@ def _query_encoder(ctx: StageContext) -> Any:
     embeds the questions with the spec's pooling; the DB embeddings and index stay as built."""
     if "query_encoder" not in ctx.inputs:
         return None
-    if "embedder" not in ctx.params:
+    node = ctx.params.retriever.model_dump(mode="json")
+    if "embedder" not in node:
         from retro.platform.errors import UserError
 
         raise UserError(f"stage {ctx.name}: a query_encoder input needs a dense retriever "
-                        f"(retriever.type is {ctx.params['retriever_type']!r})")
+                        f"(retriever.type is {node['type']!r})")
     from retro.components.evaluators.lm import find_model_dir
     from retro.components.retrieval.common import build_component
 
     folder = find_model_dir(ctx.inputs["query_encoder"].path)
-    return build_component("embedder", {**ctx.params["embedder"], "model": str(folder)}).embed
+    return build_component("embedder", {**node["embedder"], "model": str(folder)}).embed
 
 
 # ------------------------------------------------------------------------------ eval-qa
 
-@register("stage", "eval-qa", version="1")
-def eval_qa(ctx: StageContext) -> dict[str, Any]:
+@stage("eval-qa", version="2", params=EvalParams,
+       inputs={"model": "the model folder (Retro checkpoint or HF model)",
+               "tokenizer": Slot("a tokenizer folder, when the model folder has none",
+                                 optional=True),
+               "contexts": Slot("retrieved passages (qa-retrieve); needed with "
+                                "retrieval_context", optional=True)})
+def eval_qa(ctx: StageContext[EvalParams]) -> dict[str, Any]:
     """Greedy zero-shot answers, EM and token F1 (in %) per dataset.
 
     Params: `evaluator` (the qa node), optional consts `encoder`, `retrieval_context`.
@@ -295,6 +319,7 @@ def eval_qa(ctx: StageContext) -> dict[str, Any]:
     (ctx.out_dir / "scores.json").write_text(json.dumps(
         {"settings": cfg.model_dump(mode="json"), "model_is_retro": lm.is_retro,
          "scores": summary}, indent=2))
+    declare_qa(ctx, cfg, lm.is_retro, QA_FIELDS)  # per-question EM / F1 for `retro report`
     return summary
 
 

@@ -17,19 +17,17 @@ from typing import Any
 
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
-from retro.platform.stage import StageCall
+from retro.platform.stage import BaseRecipe, StageCall
 
 
 @register("recipe", "rag-eval")
-class RagEvalRecipe:
+class RagEvalRecipe(BaseRecipe):
     """Zero-shot open-domain QA of a pretrained LM, closed-book and with retrieved passages."""
 
     class Config(StrictModel):
         closed_book: bool = True
         """Also answer without passages (the `-ctx-off` calls)."""
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
 
     def check(self, spec: Any) -> list[SpecIssue]:
         from retro.components.retrieval.recipe import db_spec_issues
@@ -54,15 +52,16 @@ class RagEvalRecipe:
         from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
         from retro.components.retrieval.api import db_stage_calls
 
-        calls = [StageCall("import-gguf", "import-gguf", reads={"source": "model.init_gguf"})]
-        calls += db_stage_calls(spec, splits=())
+        model = StageCall("import-gguf", "import-gguf", reads={"source": "model.init_gguf"})
+        db = db_stage_calls(spec, splits=())
+        calls = [model, *db]
         qa = [i for i, e in enumerate(spec.eval) if e.type == "qa"]
         for i in qa:
             sfx = f"-{i}" if len(qa) > 1 else ""
-            retrieve = qa_retrieve_call(spec, f"eval.{i}", name=f"qa-retrieve{sfx}")
+            retrieve = qa_retrieve_call(spec, db, f"eval.{i}", name=f"qa-retrieve{sfx}")
             ablations = [{}] + ([{"retrieval_context": False}] if self.config.closed_book else [])
             calls.append(retrieve)
-            calls += eval_qa_calls(f"eval.{i}", "import-gguf", contexts_call=retrieve.name,
+            calls += eval_qa_calls(f"eval.{i}", model, contexts=retrieve,
                                    suffix=sfx.lstrip("-"), ablations=ablations,
                                    retro_model=False)
         return calls

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from retro.components.instruct.render import SYSTEM
-from retro.components.training.config import ResolvedSchedule, RunSettings
+from retro.components.training.config import ResolvedSchedule, TrainSettings
 from retro.platform.registry import register
 from retro.platform.spec.node import Node
 
@@ -21,7 +21,7 @@ from retro.platform.spec.node import Node
 class SFT:
     """Instruction tuning: a blend of instruction sources, answer-only loss."""
 
-    class Config(RunSettings):
+    class Config(TrainSettings):
         blend: list[Node("blend-source")] = Field(min_length=1)
         """The sources: `{type: <format>, path, weight | samples | epochs, template}`; formats:
         alpaca, dolly, oasst, flan-cot, p3, self-instruct, lima."""

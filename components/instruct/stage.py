@@ -11,14 +11,38 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from retro.platform.errors import UserError
-from retro.platform.registry import register
+from retro.platform.spec.node import Node
+from retro.platform.stage import Slot, StageContext, StageParams, stage
 
 
-@register("stage", "instruct", version="1")
-def instruct(ctx: Any) -> dict:
+class InstructParams(StageParams):
+    instruct: Node("instruct")
+    """The instruct node: blend and SFT hyper-parameters."""
+    retriever: Optional[Node("retriever")] = None
+    """With `instruct.retrieval: true`: the retriever that searches the DB."""
+
+
+def _precision_estimate(params: Any) -> dict[str, str]:
+    from retro.components.precision import precision_info
+
+    return precision_info(params, "instruct")
+
+
+_DB = "with instruct.retrieval on: "
+
+
+@stage("instruct", version="2", params=InstructParams, distributed=True,
+       estimate=_precision_estimate,
+       inputs={"init": "the model to tune (retro-fit, gpt-fit)",
+               "tokenizer": "the decoder tokenizer (tokenizer)",
+               "tokens": Slot(_DB + "document tokens (tokenize)", optional=True),
+               "chunk_db": Slot(_DB + "the chunk table (chunk-db)", optional=True),
+               "index": Slot(_DB + "the dense index (fill-index)", optional=True),
+               "bm25": Slot(_DB + "the BM25 index (bm25-index)", optional=True)})
+def instruct(ctx: StageContext[InstructParams]) -> dict:
     """Instruction-tune the `init` model (a retro-fit or gpt-fit artifact) on `instruct.blend`.
 
     Params: `instruct` (the instruct node); with `instruct.retrieval: true` also `retriever`
@@ -35,8 +59,7 @@ def instruct(ctx: Any) -> dict:
     from retro.components.training.models import export, load_trained, tokenizer_meta
     from retro.components.training.stages import _run
 
-    cfg = SFT.Config.model_validate({k: v for k, v in ctx.params["instruct"].items()
-                                     if k != "type"})
+    cfg = ctx.params.instruct
     init = Path(ctx.inputs["init"].path)
     retro_cfg = _retro_config(init)
     retrieval = cfg.retrieval and retro_cfg.get("retro", True)   # a GPT has nothing to feed
@@ -80,11 +103,11 @@ def _retriever(ctx: Any) -> Any:
     """The DB retriever for SFT with retrieval on (the spec's `retriever` and the DB stages)."""
     from retro.components.retrieval.api import Retriever
 
-    if "retriever" not in ctx.params:
+    if ctx.params.retriever is None:
         raise UserError("instruct.retrieval: true needs the recipe to pass the `retriever` "
                         "section and the DB artifacts (tokens, chunk_db, index or bm25) to "
                         "the instruct stage")
-    return Retriever.from_artifacts(ctx.params["retriever"], ctx.inputs)
+    return Retriever.from_artifacts(ctx.params.retriever.model_dump(mode="json"), ctx.inputs)
 
 
 def _neighbours(ctx: Any, retriever: Any, tokenizer: Any, prefix: Path, seq_length: int,
@@ -96,7 +119,7 @@ def _neighbours(ctx: Any, retriever: Any, tokenizer: Any, prefix: Path, seq_leng
     from retro.components.training.neighbours import retrieve_for_rows
     from retro.components.training.stages import db_neighbours
 
-    k = int(ctx.params["retriever"].get("neighbours", {}).get("k", 2))
+    k = ctx.params.retriever.neighbours.k
     tokens = np.load(f"{prefix}_tokens.npy", mmap_mode="r")
     ids = retrieve_for_rows(retriever, tokenizer, tokens, seq_length, chunk_length, k, eod)
     np.save(f"{prefix}_neighbours.npy", ids)
@@ -121,12 +144,3 @@ def _context_length(retro_cfg: dict[str, Any]) -> int:
         raise UserError("instruct.seq_length: the model does not state its context length; "
                         "set instruct.seq_length")
     return int(n)
-
-
-def _precision_estimate(params: Any) -> dict[str, str]:
-    from retro.components.precision import precision_info
-
-    return precision_info(params, "instruct")
-
-
-instruct.estimate = _precision_estimate

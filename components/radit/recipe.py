@@ -23,7 +23,7 @@ from pydantic import Field
 from retro.components.radit.config import LSRConfig
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
-from retro.platform.stage import StageCall
+from retro.platform.stage import BaseRecipe, StageCall
 
 RETRIEVER_READS = {"retriever_type": "retriever.type", "embedder": "retriever.embedder",
                    "index": "retriever.index"}
@@ -33,7 +33,7 @@ VARIANTS = {"base": ("base-lm", "base"), "lm-ft": ("ra-it", "base"),
 
 
 @register("recipe", "ra-dit")
-class RaDitRecipe:
+class RaDitRecipe(BaseRecipe):
     """RA-DIT: RA-IT (LM) and LSR (query encoder) fine-tuning; QA of the four pairings.
 
     The pairings: base LM + base retriever, LM-ft + base, base + R-ft, LM-ft + R-ft."""
@@ -50,8 +50,6 @@ class RaDitRecipe:
             default_factory=lambda: list(VARIANTS), min_length=1)
         """QA variants to evaluate (all four by default)."""
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
 
     def check(self, spec: Any) -> list[SpecIssue]:
         from retro.components.retrieval.recipe import db_spec_issues
@@ -78,26 +76,25 @@ class RaDitRecipe:
         return issues
 
     def stages(self, spec: Any) -> list[StageCall]:
-        from retro.components.retrieval.api import db_stage_calls, retriever_inputs
+        from retro.components.retrieval.api import call, db_stage_calls, retriever_inputs
 
         exclude = exclude_questions(spec)
-        db = retriever_inputs(spec)
-        calls = [base_lm_call(spec)]
-        base = calls[0].name
-        calls += db_stage_calls(spec, splits=())
-        calls.append(StageCall("lsr", "lsr", reads={"lsr": "recipe.lsr", **RETRIEVER_READS},
-                               consts={"exclude_questions": exclude},
-                               inputs={"lm": base, "embeddings": "embed", **db}))
-        encoder = {"query_encoder": "lsr"} if self.config.rait_retriever == "r-ft" else {}
-        calls.append(StageCall("ra-it", "ra-it", reads={"instruct": "instruct",
-                                                        **RETRIEVER_READS},
-                               consts={"exclude_questions": exclude},
-                               inputs={"init": base, **db, **encoder},
-                               distributed=True))
-        calls += self._evals(spec, base)
+        base = base_lm_call(spec)
+        calls = [base, *db_stage_calls(spec, splits=())]
+        db = retriever_inputs(calls)
+        lsr = StageCall("lsr", "lsr", reads={"lsr": "recipe.lsr", **RETRIEVER_READS},
+                        consts={"exclude_questions": exclude},
+                        inputs={"lm": base, "embeddings": call(calls, "embed"), **db})
+        encoder = {"query_encoder": lsr} if self.config.rait_retriever == "r-ft" else {}
+        rait = StageCall("ra-it", "ra-it", reads={"instruct": "instruct", **RETRIEVER_READS},
+                         consts={"exclude_questions": exclude},
+                         inputs={"init": base, **db, **encoder})
+        calls += [lsr, rait]
+        calls += self._evals(spec, calls, {"base-lm": base, "ra-it": rait, "lsr": lsr})
         return calls
 
-    def _evals(self, spec: Any, base: str) -> list[StageCall]:
+    def _evals(self, spec: Any, db: list[StageCall], made: dict[str, StageCall]
+               ) -> list[StageCall]:
         from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
 
         calls: list[StageCall] = []
@@ -105,17 +102,16 @@ class RaDitRecipe:
         wanted = self.config.variants
         for i in qa:
             path, sfx = f"eval.{i}", (f"-{i}" if len(qa) > 1 else "")
-            retrieve = {"base": qa_retrieve_call(spec, path, name=f"qa-retrieve-base{sfx}")}
+            retrieve = {"base": qa_retrieve_call(spec, db, path, name=f"qa-retrieve-base{sfx}")}
             if any(VARIANTS[v][1] == "r-ft" for v in wanted):
-                retrieve["r-ft"] = qa_retrieve_call(spec, path, name=f"qa-retrieve-r-ft{sfx}",
-                                                    query_encoder_call="lsr")
+                retrieve["r-ft"] = qa_retrieve_call(spec, db, path, name=f"qa-retrieve-r-ft{sfx}",
+                                                    query_encoder=made["lsr"])
             calls += retrieve.values()
             for variant in wanted:
                 model, retriever = VARIANTS[variant]
-                model = base if model == "base-lm" else model
                 book = [{"retrieval_context": False}] if (
                     self.config.closed_book and retriever == "base") else []
-                calls += eval_qa_calls(path, model, contexts_call=retrieve[retriever].name,
+                calls += eval_qa_calls(path, made[model], contexts=retrieve[retriever],
                                        suffix=f"{variant}{sfx}", ablations=[{}] + book,
                                        retro_model=False)
         return calls

@@ -15,16 +15,58 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from retro.components.radit.config import LSRConfig, RAIT
 from retro.components.radit.data import Example, load_examples
 from retro.platform.errors import InputDataError, UserError
-from retro.platform.registry import register
+from retro.platform.registry import StrictModel
+from retro.platform.spec.node import Node
+from retro.platform.spec.types import DataPath
+from retro.platform.stage import Slot, StageContext, StageParams, stage
 
 QUERY_ENCODER = "query_encoder"
+
+
+class HeldOutQuestions(StrictModel):
+    """A QA evaluator's question set, which training must not see."""
+
+    data_dir: DataPath
+    datasets: list[str]
+    limit: Optional[int] = None
+    answer_in_corpus: bool = False
+
+
+class _RetrieverParams(StageParams):
+    retriever_type: str
+    """The spec's `retriever.type` (dense for LSR)."""
+    embedder: Optional[Node("embedder")] = None
+    """Dense retrievers: the chunk/query encoder."""
+    index: Optional[Node("index")] = None
+    """Dense retrievers: the index (search settings, metric)."""
+    exclude_questions: list[HeldOutQuestions] = []
+    """QA evaluation sets kept out of training."""
+
+
+class LsrParams(_RetrieverParams):
+    lsr: LSRConfig
+    """The recipe's LSR settings."""
+
+
+class RaItParams(_RetrieverParams):
+    instruct: Node("instruct")
+    """An `ra-it` node."""
+
+
+_DB = {"tokenizer": "the DB tokenizer (tokenizer)", "tokens": "document tokens (tokenize)",
+       "chunk_db": "the chunk table (chunk-db)", "index": "the dense index (fill-index)"}
+
+
+def _flat(params: StageParams) -> dict[str, Any]:
+    """The params in the JSON form `build_retriever` and `load_examples` read."""
+    return params.model_dump(mode="json")
 
 
 # ------------------------------------------------------------------------------ shared pieces
@@ -86,8 +128,15 @@ def _threads(ctx: Any) -> int:
 
 
 # ------------------------------------------------------------------------------ lsr
-@register("stage", "lsr", version="1")
-def lsr(ctx: Any) -> dict[str, Any]:
+def _lsr_estimate(params: LsrParams) -> dict[str, Any]:
+    n = params.lsr.examples + params.lsr.eval_examples
+    return {"examples": n, "k": params.lsr.k, "lm_rows": n * params.lsr.k}
+
+
+@stage("lsr", version="2", params=LsrParams, estimate=_lsr_estimate,
+       inputs={"lm": "the LM that scores chunks (import-gguf, lm-folder)",
+               "embeddings": "DB chunk embeddings (embed)", **_DB})
+def lsr(ctx: StageContext[LsrParams]) -> dict[str, Any]:
     """Fine-tune the query encoder by LM-supervised retrieval (RA-DIT §2.4).
 
     Params: `lsr` (the recipe's LSR node), `retriever_type`, `embedder`, `index` (the spec's
@@ -99,15 +148,15 @@ def lsr(ctx: Any) -> dict[str, Any]:
     """
     import torch
 
-    cfg = LSRConfig.model_validate(ctx.params["lsr"])
-    if ctx.params["retriever_type"] != "dense":
+    cfg, params = ctx.params.lsr, _flat(ctx.params)
+    if params["retriever_type"] != "dense":
         raise UserError("lsr fine-tunes a dense query encoder; retriever.type is "
-                        f"{ctx.params['retriever_type']!r}")
+                        f"{params['retriever_type']!r}")
     torch.set_num_threads(_threads(ctx))
     train, held, info = load_examples(cfg.data, cfg.examples, cfg.eval_examples, ctx.seed,
-                                      ctx.params.get("exclude_questions", []))
+                                      params["exclude_questions"])
     examples = train + held
-    ids, _, texts = _retrieve(build_retriever(ctx.params, ctx.inputs), examples, cfg.k)
+    ids, _, texts = _retrieve(build_retriever(params, ctx.inputs), examples, cfg.k)
     logp, n_tok = _lm_scores(ctx, cfg, examples, ids, texts)
     mask = ids >= 0
     from retro.components.radit.lsr import lm_scores, lsr_target
@@ -122,8 +171,8 @@ def lsr(ctx: Any) -> dict[str, Any]:
         raise InputDataError("lsr: no training example has 2 or more retrieved chunks")
     from retro.components.radit.query_encoder import QueryEncoder
 
-    enc = QueryEncoder(ctx.params["embedder"])
-    metric = ctx.params["index"].get("metric", "ip")
+    enc = QueryEncoder(params["embedder"])
+    metric = params["index"].get("metric", "ip")
     data = _LSRData([e.query for e in examples], docs, mask, target, metric)
     before, p_before = _evaluate(enc, cfg, data, tr, ev)
     losses = _train(ctx, cfg, enc, data, tr)
@@ -278,19 +327,13 @@ def _write_examples(path: Path, examples: list[Example], ids: np.ndarray, logp: 
                 "p_r_before": r(p_before[i]), "p_r_after": r(p_after[i])}) + "\n")
 
 
-def _lsr_estimate(params: dict[str, Any]) -> dict[str, Any]:
-    p = params.get("lsr", {})
-    k = p.get("k", 10)
-    n = p.get("examples", 1000) + p.get("eval_examples", 0)
-    return {"examples": n, "k": k, "lm_rows": n * k}
-
-
-lsr.estimate = _lsr_estimate
-
 
 # ------------------------------------------------------------------------------ ra-it
-@register("stage", "ra-it", version="1")
-def ra_it(ctx: Any) -> dict[str, Any]:
+@stage("ra-it", version="2", params=RaItParams, distributed=True,
+       inputs={"init": "the LM to tune (import-gguf, lm-folder, or a trained model)", **_DB,
+               "query_encoder": Slot("a fine-tuned query encoder to retrieve with (lsr)",
+                                     optional=True)})
+def ra_it(ctx: StageContext[RaItParams]) -> dict[str, Any]:
     """Retrieval-augmented instruction tuning of the `init` LM (RA-DIT §2.3).
 
     Params: `instruct` (an `ra-it` node), `retriever_type`, `embedder`, `index`,
@@ -304,13 +347,12 @@ def ra_it(ctx: Any) -> dict[str, Any]:
     from retro.components.training.models import export
     from retro.components.training.stages import _run
 
-    node = {k: v for k, v in ctx.params["instruct"].items() if k != "type"}
-    cfg = RAIT.Config.model_validate(node)
+    cfg, params = ctx.params.instruct, _flat(ctx.params)
     sched = cfg.schedule()
     n_examples = math.ceil(sched.steps * sched.global_batch / cfg.retrieve_k)
     train, held, info = load_examples(cfg.blend, n_examples, cfg.eval_samples, ctx.seed,
-                                      ctx.params.get("exclude_questions", []))
-    retriever = build_retriever(ctx.params, ctx.inputs)
+                                      params["exclude_questions"])
+    retriever = build_retriever(params, ctx.inputs)
     init = Path(ctx.inputs["init"].path)
     tok, tok_dir = _lm_tokenizer(init, ctx.work_dir / "tokenizer")
     data = ctx.work_dir / "rows"
@@ -440,8 +482,13 @@ def _write_retrieved(path: Path, examples: list[Example], ids: np.ndarray,
 
 
 # ------------------------------------------------------------------------------ lm-folder
-@register("stage", "lm-folder", version="1")
-def lm_folder(ctx: Any) -> dict[str, Any]:
+class LmFolderParams(StageParams):
+    path: DataPath
+    """`model.init`: a transformers causal-LM folder with its tokenizer."""
+
+
+@stage("lm-folder", version="2", params=LmFolderParams)
+def lm_folder(ctx: StageContext[LmFolderParams]) -> dict[str, Any]:
     """The base LM from a local folder (`model.init`): a transformers causal LM with its
     tokenizer, copied into the store so every consumer reads one artifact.
 
@@ -449,7 +496,7 @@ def lm_folder(ctx: Any) -> dict[str, Any]:
     """
     import shutil
 
-    src = Path(ctx.params["path"])
+    src = Path(ctx.params.path)
     if not (src / "config.json").is_file():
         raise InputDataError(f"model.init: {src} is not a transformers model folder (no "
                              "config.json); save the LM with save_pretrained, tokenizer included")

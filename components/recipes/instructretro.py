@@ -21,14 +21,13 @@ from pydantic import Field
 
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
-from retro.platform.stage import StageCall
+from retro.components.retrieval.recipe import call
+from retro.platform.stage import BaseRecipe, StageCall
 
-# Model fields only the Retro parts use: a GPT stage never depends on them.
-RETRO_ONLY = ("gate", "cca_layers", "encoder_layers", "encoder_rope", "retro_dropout")
 
 
 @register("recipe", "instructretro", default=True)
-class InstructRetroRecipe:
+class InstructRetroRecipe(BaseRecipe):
     """InstructRetro: retrieval DB, GPT, Retro-fit vs GPT-fit, instruction tuning, evaluation."""
 
     class Config(StrictModel):
@@ -42,8 +41,8 @@ class InstructRetroRecipe:
         """Neighbours per chunk fed to retro-fit, the first of the `retriever.neighbours.k`
         saved (Megatron: 2 of 20); None: all saved."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def estimate(self, spec: Any, name: str, params: Any) -> dict[str, Any]:
+        return estimate_training(spec, name, params)
 
     def check(self, spec: Any) -> list[SpecIssue]:
         from retro.components.retrieval.recipe import db_spec_issues
@@ -66,71 +65,73 @@ class InstructRetroRecipe:
     def stages(self, spec: Any) -> list[StageCall]:
         from retro.components.retrieval.recipe import db_stage_calls
 
-        calls = db_stage_calls(spec, seq_length="pretrain.seq_length")
-        gpt = self._gpt(spec, calls)
-        calls += self._fits(spec, gpt)
-        models = {"retro": "retro-fit", "gpt": "gpt-fit" if self.config.gpt_fit else None}
+        db = db_stage_calls(spec, seq_length="pretrain.seq_length")
+        calls = list(db)
+        gpt = self._gpt(spec, db)
+        if gpt is not None:
+            calls.append(gpt)
+        fits = self._fits(spec, db, gpt)
+        calls += fits.values()
+        models: dict[str, StageCall | None] = {"retro": fits["retro"], "gpt": fits.get("gpt")}
         if spec.instruct is not None:
-            calls += self._instruct(spec, models)
-        calls += self._evals(spec, models)
+            models = self._instruct(spec, db, models)
+            calls += [m for m in models.values() if m is not None]
+        calls += self._evals(spec, db, fits, models)
         return calls
 
     # -------------------------------------------------------------------------- pieces
-    def _gpt(self, spec: Any, calls: list[StageCall]) -> str | None:
+    def _gpt(self, spec: Any, db: list[StageCall]) -> StageCall | None:
         """The call producing the initial GPT, or None when `model.init` names a directory."""
         if spec.model.init_gguf is not None:
-            calls.append(StageCall("import-gguf", "import-gguf",
-                                   reads={"source": "model.init_gguf"}))
-            return "import-gguf"
+            return StageCall("import-gguf", "import-gguf", reads={"source": "model.init_gguf"})
         if spec.model.init is not None:
             return None
-        calls.append(StageCall(
-            "gpt-pretrain", "gpt-pretrain", reads={"model": "model", "pretrain": "pretrain"},
-            omit={"model": (*RETRO_ONLY, "freeze"), "pretrain": ("fit",)},
-            inputs={"sequences": "sequences-train", "valid_sequences": "sequences-valid",
-                    "tokenizer": "tokenizer"}, distributed=True))
-        return "gpt-pretrain"
+        return StageCall("gpt-pretrain", "gpt-pretrain",
+                         reads={"model": "model", "pretrain": "pretrain"},
+                         inputs={"sequences": call(db, "sequences-train"),
+                                 "valid_sequences": call(db, "sequences-valid"),
+                                 "tokenizer": call(db, "tokenizer")})
 
-    def _fits(self, spec: Any, gpt: str | None) -> list[StageCall]:
-        init = {"init": gpt} if gpt else {}
-        data = {"sequences": "sequences-train", "valid_sequences": "sequences-valid",
-                "tokenizer": "tokenizer", **init}
-        calls = [StageCall(
-            "retro-fit", "retro-fit", reads={"model": "model", "pretrain": "pretrain",
-                                             "num_neighbours": "recipe.train_neighbours"},
-            omit={"pretrain": ("gpt",)},
-            inputs={**data, "neighbours": "neighbours-train",
-                    "valid_neighbours": "neighbours-valid", "chunk_db": "chunk-db",
-                    "tokens": "tokenize", "quality": "retrieval-quality"}
-            if spec.retriever.type != "bm25" else
-            {**data, "neighbours": "neighbours-train", "valid_neighbours": "neighbours-valid",
-             "chunk_db": "chunk-db", "tokens": "tokenize"},
-            distributed=True)]
+    def _fits(self, spec: Any, db: list[StageCall], gpt: StageCall | None
+              ) -> dict[str, StageCall]:
+        data = {"sequences": call(db, "sequences-train"),
+                "valid_sequences": call(db, "sequences-valid"),
+                "tokenizer": call(db, "tokenizer"), **({"init": gpt} if gpt else {})}
+        retrieval = {"neighbours": call(db, "neighbours-train"),
+                     "valid_neighbours": call(db, "neighbours-valid"),
+                     "chunk_db": call(db, "chunk-db"), "tokens": call(db, "tokenize")}
+        quality = [c for c in db if c.name == "retrieval-quality"]   # dense retrievers only
+        if quality:
+            retrieval["quality"] = quality[0]
+        fits = {"retro": StageCall("retro-fit", "retro-fit",
+                                   reads={"model": "model", "pretrain": "pretrain",
+                                          "num_neighbours": "recipe.train_neighbours"},
+                                   inputs={**data, **retrieval})}
         if self.config.gpt_fit:
-            calls.append(StageCall(
-                "gpt-fit", "gpt-fit", reads={"model": "model", "pretrain": "pretrain"},
-                omit={"model": RETRO_ONLY, "pretrain": ("gpt",)}, inputs=data,
-                distributed=True))
-        return calls
+            fits["gpt"] = StageCall("gpt-fit", "gpt-fit",
+                                    reads={"model": "model", "pretrain": "pretrain"}, inputs=data)
+        return fits
 
-    def _instruct(self, spec: Any, models: dict[str, str | None]) -> list[StageCall]:
+    def _instruct(self, spec: Any, db: list[StageCall], models: dict[str, StageCall | None]
+                  ) -> dict[str, StageCall | None]:
         """SFT of each arm; with `instruct.retrieval` the Retro arm also searches the DB."""
         from retro.components.retrieval.recipe import retriever_inputs
 
-        calls = []
-        for arm, fit in list(models.items()):
+        out: dict[str, StageCall | None] = {}
+        for arm, fit in models.items():
             if fit is None:
+                out[arm] = None
                 continue
-            reads, inputs = {"instruct": "instruct"}, {"init": fit, "tokenizer": "tokenizer"}
+            reads = {"instruct": "instruct"}
+            inputs = {"init": fit, "tokenizer": call(db, "tokenizer")}
             if spec.instruct.retrieval and arm == "retro":
                 reads["retriever"] = "retriever"
-                inputs.update(retriever_inputs(spec))
-            calls.append(StageCall(f"instruct-{arm}", "instruct", reads=reads, inputs=inputs,
-                                   distributed=True))
-            models[arm] = f"instruct-{arm}"
-        return calls
+                inputs.update(retriever_inputs(db))
+            out[arm] = StageCall(f"instruct-{arm}", "instruct", reads=reads, inputs=inputs)
+        return out
 
-    def _evals(self, spec: Any, models: dict[str, str | None]) -> list[StageCall]:
+    def _evals(self, spec: Any, db: list[StageCall], fits: dict[str, StageCall],
+               models: dict[str, StageCall | None]) -> list[StageCall]:
         from retro.components.evaluators.ppl import eval_ppl_calls
         from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
 
@@ -139,24 +140,23 @@ class InstructRetroRecipe:
         for i, e in enumerate(spec.eval):
             path, sfx = f"eval.{i}", (f"-{i}" if types.count(e.type) > 1 else "")
             if e.type == "ppl":
-                calls += eval_ppl_calls(path, "retro-fit", suffix=f"retro{sfx}",
+                calls += eval_ppl_calls(path, fits["retro"], db, suffix=f"retro{sfx}",
                                         ablations=[{}, {"encoder": False}]
                                         if self.config.ppl_gate0 else [{}])
                 if self.config.gpt_fit:
-                    calls += eval_ppl_calls(path, "gpt-fit", suffix=f"gpt{sfx}",
+                    calls += eval_ppl_calls(path, fits["gpt"], db, suffix=f"gpt{sfx}",
                                             retro_model=False)
             elif e.type == "qa":
-                retrieve = qa_retrieve_call(spec, path, name=f"qa-retrieve{sfx}")
+                retrieve = qa_retrieve_call(spec, db, path, name=f"qa-retrieve{sfx}")
                 calls.append(retrieve)
                 more = self.config.qa_ablations
                 calls += eval_qa_calls(
-                    path, models["retro"], contexts_call=retrieve.name, suffix=f"retro{sfx}",
-                    ablations=[{}, {"encoder": False}, {"retrieval_context": False},
-                               {"retrieval_context": False, "context_in_encoder_only": True}]
+                    path, models["retro"], contexts=retrieve, suffix=f"retro{sfx}",
+                    ablations=[{}, {"encoder": False}, {"retrieval_context": False}]
                     if more else [{}])
                 if models["gpt"]:
                     calls += eval_qa_calls(
-                        path, models["gpt"], contexts_call=retrieve.name, suffix=f"gpt{sfx}",
+                        path, models["gpt"], contexts=retrieve, suffix=f"gpt{sfx}",
                         retro_model=False,
                         ablations=[{}, {"retrieval_context": False}] if more else [{}])
         return calls
@@ -222,5 +222,3 @@ def _vocab_size(spec: Any) -> int | None:
         return 50257
     return None
 
-
-InstructRetroRecipe.estimate = staticmethod(estimate_training)

@@ -8,10 +8,10 @@ Artifact readers take an `Artifact` (what `ctx.inputs[slot]` holds) or its folde
 
 from retro.components.retrieval.chunking import ChunkDB, SplitConfig
 from retro.components.retrieval.neighbours import Neighbours
-from retro.components.retrieval.recipe import db_stage_calls, retriever_inputs
+from retro.components.retrieval.recipe import call, db_stage_calls, retriever_inputs
 from retro.components.retrieval.retriever import Passage, Retriever
 from retro.components.retrieval.sequences import Sequences
 from retro.components.tokenizers.stage import load_tokenizer
 
 __all__ = ["ChunkDB", "Neighbours", "Passage", "Retriever", "Sequences", "SplitConfig",
-           "db_stage_calls", "load_tokenizer", "retriever_inputs"]
+           "call", "db_stage_calls", "load_tokenizer", "retriever_inputs"]

@@ -21,7 +21,8 @@ from pydantic import Field, model_validator
 
 from retro.components.retrieval.common import artifact_path, read_meta, write_meta
 from retro.platform.errors import UserError
-from retro.platform.registry import StrictModel, register
+from retro.platform.registry import StrictModel
+from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 
 SPLITS = {"train": 0, "valid": 1, "heldout": 2}
@@ -66,16 +67,24 @@ def assign_splits(n_docs: int, split: SplitConfig) -> np.ndarray:
     return out
 
 
-@register("stage", "chunk-db", version="1")
-def chunk_db(ctx: Any) -> dict:
+class ChunkDbParams(StageParams):
+    chunk_length: int
+    """Tokens per chunk (RETRO: 64)."""
+    split: SplitConfig
+    """How documents are assigned to train / valid / heldout."""
+
+
+@stage("chunk-db", version="2", params=ChunkDbParams,
+       inputs={"tokens": "tokenized documents (tokenize)"},
+       estimate=lambda p: {"chunk_length": p.chunk_length})
+def chunk_db(ctx: StageContext[ChunkDbParams]) -> dict:
     """Cut the train documents into chunks and record every document's split.
 
     Params: `chunk_length` (int), `split` (SplitConfig). Inputs: `tokens`.
     Files: `chunks.npy` int64 [n_chunks, 3] = (document index, start token offset in
     tokens.npy, length); `doc_split.npy` uint8 [n_docs]; `meta.json`.
     """
-    length = int(ctx.params["chunk_length"])
-    split = SplitConfig.model_validate(ctx.params["split"])
+    length, split = ctx.params.chunk_length, ctx.params.split
     tokens_dir = ctx.inputs["tokens"].path
     offsets = np.load(tokens_dir / "doc_offsets.npy")
     n_docs = len(offsets) - 1
@@ -110,8 +119,6 @@ def _chunk_rows(offsets: np.ndarray, per_doc: np.ndarray, a: int, b: int,
     size = np.minimum(length, offsets[docs + 1] - start)
     return np.stack([docs, start, size], axis=1)
 
-
-chunk_db.estimate = lambda params: {"chunk_length": params["chunk_length"]}
 
 
 class ChunkDB:

@@ -18,29 +18,11 @@ from retro.platform.store import write_json_atomic
 META = "meta.json"
 
 
-def build_component(kind: str, node: dict[str, Any]) -> Any:
-    """Build a registered component from a spec node dumped to JSON (stage params, workers).
-
-    Args:
-        kind: registry kind (`corpus`, `embedder`, ...).
-        node: the node's JSON form, with its `type`.
-
-    Returns:
-        `registry.get(kind, type).obj(validated node)`.
-    """
+def build_component(kind: str, node: Any) -> Any:
+    """`registry.build(kind, node)`: a node model or its JSON form -> the component."""
     from retro.platform.registry import registry
 
-    registry.load_plugins()
-    entry = registry.get(kind, node["type"])
-    return entry.obj(entry.node_model().model_validate(node))
-
-
-def validate_node(kind: str, node: dict[str, Any]) -> Any:
-    """The validated config node (no object built)."""
-    from retro.platform.registry import registry
-
-    registry.load_plugins()
-    return registry.get(kind, node["type"]).node_model().model_validate(node)
+    return registry.build(kind, node)
 
 
 def shard_ranges(n: int, n_shards: int, window: int = 1) -> list[tuple[int, int]]:

@@ -21,6 +21,8 @@ from retro.components.retrieval.common import build_component, done_marker, read
     run_shards, shard_ranges, write_meta
 from retro.platform.errors import UserError
 from retro.platform.registry import StrictModel, register
+from retro.platform.spec.node import Node
+from retro.platform.stage import NoParams, StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 
 TRAINED = "trained.faissindex"
@@ -167,8 +169,15 @@ def n_train_vectors(n: int, cfg: FaissConfig) -> int:
     return min(k, cfg.train_size) if cfg.train_size else k
 
 
-@register("stage", "train-index", version="1")
-def train_index(ctx: Any) -> dict:
+class TrainIndexParams(StageParams):
+    index: Node("index")
+    """The index node."""
+
+
+@stage("train-index", version="2", params=TrainIndexParams,
+       inputs={"embeddings": "DB chunk embeddings (embed)"},
+       estimate=lambda p: {"factory": p.index.factory})
+def train_index(ctx: StageContext[TrainIndexParams]) -> dict:
     """Train the configured index on a seeded sample of the DB embeddings.
 
     Params: `index` (the index node). Inputs: `embeddings`.
@@ -176,7 +185,7 @@ def train_index(ctx: Any) -> dict:
     """
     import faiss
 
-    spec = build_component("index", ctx.params["index"])
+    spec = build_component("index", ctx.params.index)
     emb = open_memmap(ctx.inputs["embeddings"].path / "embeddings.npy")
     n, dim = emb.shape
     index = spec.build(dim)
@@ -211,8 +220,10 @@ def _gpu_clustering(index: Any, metric: int, log: Any) -> None:
     log.info("IVF clustering on %d GPUs", faiss.get_num_gpus())
 
 
-@register("stage", "fill-index", version="1")
-def fill_index(ctx: Any) -> dict:
+@stage("fill-index", version="2", params=NoParams,
+       inputs={"index": "the trained, empty index (train-index)",
+               "embeddings": "DB chunk embeddings (embed)"})
+def fill_index(ctx: StageContext[NoParams]) -> dict:
     """Add every DB embedding to the trained index, in order (row i = chunk i).
 
     Inputs: `index` (train-index), `embeddings`.
@@ -282,5 +293,3 @@ def _add_serial(ctx: Any, index: Any, emb_path: Path, n: int) -> None:
             index.add(np.ascontiguousarray(emb[a:a + _ADD_BLOCK], dtype=np.float32))
             bar.update(min(_ADD_BLOCK, n - a))
 
-
-train_index.estimate = lambda params: {"factory": params["index"].get("factory")}

@@ -20,23 +20,36 @@ from retro.components.retrieval.common import artifact_path, done_marker, read_m
     run_shards, shard_ranges, windows, write_meta
 from retro.components.retrieval.search import build_searcher
 from retro.components.retrieval.sequences import Sequences
-from retro.platform.registry import register
+from retro.components.retrieval.retrievers import NeighboursConfig
+from retro.platform.spec.node import NodeFields
+from retro.platform.stage import Slot, StageContext, StageParams, stage
 from retro.platform.store import open_memmap
+from retro.platform.timing import merge
+from retro.components.precision import report_shard_precision
 
 _SEQ_CHUNKS_PER_SHARD = 32_768
 
 
+class NeighboursParams(StageParams):
+    neighbours: NeighboursConfig
+    """Candidates searched and neighbours kept per chunk."""
+    retriever: NodeFields("retriever", "embedder", "index", "stopwords")
+    """What searching needs: the encoder and index (dense) or the stopwords (bm25)."""
+
+
 def searcher_node(params: dict) -> dict:
-    """The retriever node a searcher needs, from the stage params."""
-    node = {"type": params["retriever_type"]}
-    for key in ("embedder", "index", "stopwords"):
-        if key in params:
-            node[key] = params[key]
-    return node
+    """The retriever node a searcher needs, from the stage params (JSON form)."""
+    return params["retriever"]
 
 
-@register("stage", "neighbours", version="1")
-def neighbours(ctx: Any) -> dict:
+@stage("neighbours", version="2", params=NeighboursParams,
+       inputs={"sequences": "one split's sequences (sequences)",
+               "chunk_db": "the chunk table (chunk-db)", "tokens": "document tokens (tokenize)",
+               "tokenizer": "the decoder tokenizer (tokenizer)",
+               "index": Slot("the filled index, dense retrievers (fill-index)", optional=True),
+               "bm25": Slot("the BM25 index, bm25 retrievers (bm25-index)", optional=True)},
+       estimate=lambda p: {"k": p.neighbours.k, "candidates": p.neighbours.candidates})
+def neighbours(ctx: StageContext[NeighboursParams]) -> dict:
     """Neighbour ids for one split's sequences.
 
     Params: `neighbours` {candidates, k}, `retriever_type` (dense/bm25), and `embedder` + `index`
@@ -45,11 +58,12 @@ def neighbours(ctx: Any) -> dict:
     Files: `neighbours.npy` int64 [n_seq, chunks_per_seq, k] (-1 = none); `scores.npy` float32
     (same shape); `meta.json`.
     """
-    k = int(ctx.params["neighbours"]["k"])
+    k = ctx.params.neighbours.k
+    params = ctx.params.model_dump(mode="json")     # shipped to shard workers
     seqs = Sequences(ctx.inputs["sequences"].path)
     m = read_meta(ctx.inputs["chunk_db"].path)["chunk_length"]
     cps = math.ceil(seqs.seq_length / m)
-    searcher = build_searcher(searcher_node(ctx.params), ctx.inputs, ctx.log)  # checks dims
+    searcher = build_searcher(searcher_node(params), ctx.inputs, ctx.log)  # checks dims
     window = max(1, searcher.window // cps)
     del searcher
     ids_path, scores_path = ctx.work_dir / "neighbours.npy", ctx.work_dir / "scores.npy"
@@ -61,7 +75,7 @@ def neighbours(ctx: Any) -> dict:
     n_shards = max(ctx.resources.num_workers, -(-len(seqs) * cps // _SEQ_CHUNKS_PER_SHARD))
     ranges = shard_ranges(len(seqs), n_shards, window)
     inputs = {slot: str(a.path) for slot, a in ctx.inputs.items()}
-    jobs = [{"params": ctx.params, "inputs": inputs, "a": a, "b": b, "window": window,
+    jobs = [{"params": params, "inputs": inputs, "a": a, "b": b, "window": window,
              "chunk_length": m, "ids": str(ids_path), "scores": str(scores_path)}
             for a, b in ranges]
     stats = run_shards(ctx, _neighbour_shard, jobs, [b - a for a, b in ranges],
@@ -75,7 +89,9 @@ def neighbours(ctx: Any) -> dict:
     if padded > 0.1:
         ctx.log.warning("%.0f%% of neighbour slots are -1: most of the %d candidates came from "
                         "the sequence's own documents; raise retriever.neighbours.candidates",
-                        100 * padded, ctx.params["neighbours"]["candidates"])
+                        100 * padded, ctx.params.neighbours.candidates)
+    ctx.add_times(merge(*(s.get("time_s") for s in stats)))
+    report_shard_precision(ctx, stats)          # a dense retriever's query encoder
     return {"n_seq": len(seqs), "queries": queries,
             "excluded_same_doc": sum(s["excluded"] for s in stats) / max(queries, 1),
             "padded_fraction": padded}
@@ -111,7 +127,8 @@ def _neighbour_shard(job: dict) -> dict:
     ids_out.flush()
     scores_out.flush()
     marker.touch()
-    return {"excluded": excluded, "padded": padded}
+    return {"excluded": excluded, "padded": padded, "time_s": searcher.times.as_dict(),
+            **searcher.precision_report()}
 
 
 def _first_k(ids: np.ndarray, scores: np.ndarray, ok: np.ndarray, k: int):
@@ -125,9 +142,6 @@ def _first_k(ids: np.ndarray, scores: np.ndarray, ok: np.ndarray, k: int):
     out_scores[r, rank[r, c]] = scores[r, c]
     return out_ids, out_scores
 
-
-neighbours.estimate = lambda params: {"k": params["neighbours"]["k"],
-                                      "candidates": params["neighbours"]["candidates"]}
 
 
 class Neighbours:

@@ -17,7 +17,8 @@ from retro.components.retrieval.common import build_component, write_meta
 from retro.components.retrieval.faiss_index import FILLED
 from retro.components.retrieval.retrievers import QualityConfig
 from retro.platform.errors import UserError
-from retro.platform.registry import register
+from retro.platform.spec.node import Node
+from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 
 _EXACT_BLOCK = 65_536
@@ -50,15 +51,25 @@ def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     return float(np.mean(hits) / k)
 
 
-@register("stage", "retrieval-quality", version="1")
-def retrieval_quality(ctx: Any) -> dict:
+class QualityParams(StageParams):
+    index: Node("index")
+    """The index node (search settings)."""
+    quality: QualityConfig
+    """Probe size, cut-offs and the optional minimum recall."""
+
+
+@stage("retrieval-quality", version="2", params=QualityParams,
+       inputs={"embeddings": "DB chunk embeddings (embed)",
+               "index": "the filled index (fill-index)"},
+       estimate=lambda p: {"min_recall": p.quality.min_recall})
+def retrieval_quality(ctx: StageContext[QualityParams]) -> dict:
     """Measure recall@k of the index; fail when below `quality.min_recall`.
 
     Params: `index` (index node), `quality` (QualityConfig). Inputs: `embeddings`, `index`.
     Files: `quality.json` (also `meta.json`): recall@k for each k, query timings.
     """
-    cfg = QualityConfig.model_validate(ctx.params["quality"])
-    spec = build_component("index", ctx.params["index"])
+    cfg = ctx.params.quality
+    spec = build_component("index", ctx.params.index)
     emb = open_memmap(ctx.inputs["embeddings"].path / "embeddings.npy")
     index = spec.read(ctx.inputs["index"].path / FILLED)
     if index.d != emb.shape[1]:
@@ -90,5 +101,3 @@ def retrieval_quality(ctx: Any) -> dict:
             "index, or lower min_recall")
     return result
 
-
-retrieval_quality.estimate = lambda params: {"min_recall": params["quality"].get("min_recall")}

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register, registry
-from retro.platform.stage import StageCall
+from retro.platform.stage import BaseRecipe, StageCall
 
 
 def db_stage_calls(spec: Any, seq_length: str = "recipe.seq_length",
@@ -32,59 +32,56 @@ def db_stage_calls(spec: Any, seq_length: str = "recipe.seq_length",
         stop before training when recall is too low) as inputs.
     """
     trains = getattr(registry.get("tokenizer", spec.tokenizer.type).obj, "needs_corpus", False)
-    calls = [
-        StageCall("tokenizer", "tokenizer",
-                  reads={"tokenizer": "tokenizer", **({"corpus": "corpus"} if trains else {})}),
-        StageCall("tokenize", "tokenize", reads={"corpus": "corpus"},
-                  inputs={"tokenizer": "tokenizer"}),
-        StageCall("chunk-db", "chunk-db", reads={"chunk_length": "retriever.chunk_length",
-                                                 "split": "retriever.split"},
-                  inputs={"tokens": "tokenize"}),
-    ]
-    dense = spec.retriever.type != "bm25"
-    if dense:
-        calls += [
-            StageCall("embed", "embed", reads={"embedder": "retriever.embedder"},
-                      inputs={"chunk_db": "chunk-db", "tokens": "tokenize",
-                              "tokenizer": "tokenizer"}),
-            StageCall("train-index", "train-index", reads={"index": "retriever.index"},
-                      inputs={"embeddings": "embed"}),
-            StageCall("fill-index", "fill-index", inputs={"index": "train-index",
-                                                          "embeddings": "embed"}),
-            StageCall("retrieval-quality", "retrieval-quality",
-                      reads={"index": "retriever.index", "quality": "retriever.quality"},
-                      inputs={"embeddings": "embed", "index": "fill-index"}),
-        ]
-        search_reads = {"embedder": "retriever.embedder", "index": "retriever.index"}
-        search_inputs = {"index": "fill-index"}
+    tokenizer = StageCall("tokenizer", "tokenizer", reads={
+        "tokenizer": "tokenizer", **({"corpus": "corpus"} if trains else {})})
+    tokenize = StageCall("tokenize", "tokenize", reads={"corpus": "corpus"},
+                         inputs={"tokenizer": tokenizer})
+    chunk_db = StageCall("chunk-db", "chunk-db", reads={"chunk_length": "retriever.chunk_length",
+                                                        "split": "retriever.split"},
+                         inputs={"tokens": tokenize})
+    db = {"chunk_db": chunk_db, "tokens": tokenize, "tokenizer": tokenizer}
+    calls = [tokenizer, tokenize, chunk_db]
+    if spec.retriever.type != "bm25":
+        embed = StageCall("embed", "embed", reads={"embedder": "retriever.embedder"}, inputs=db)
+        trained = StageCall("train-index", "train-index", reads={"index": "retriever.index"},
+                            inputs={"embeddings": embed})
+        filled = StageCall("fill-index", "fill-index",
+                           inputs={"index": trained, "embeddings": embed})
+        quality = StageCall("retrieval-quality", "retrieval-quality",
+                            reads={"index": "retriever.index", "quality": "retriever.quality"},
+                            inputs={"embeddings": embed, "index": filled})
+        calls += [embed, trained, filled, quality]
+        search = {"index": filled}
     else:
-        calls.append(StageCall("bm25-index", "bm25-index",
-                               reads={p: f"retriever.{p}" for p in ("method", "k1", "b",
-                                                                    "stopwords")},
-                               inputs={"chunk_db": "chunk-db", "tokens": "tokenize",
-                                       "tokenizer": "tokenizer"}))
-        search_reads = {"stopwords": "retriever.stopwords"}
-        search_inputs = {"bm25": "bm25-index"}
+        bm25 = StageCall("bm25-index", "bm25-index",
+                         reads={p: f"retriever.{p}" for p in ("method", "k1", "b", "stopwords")},
+                         inputs=db)
+        calls.append(bm25)
+        search = {"bm25": bm25}
     for split in splits:
-        calls += [
-            StageCall(f"sequences-{split}", "sequences", reads={"seq_length": seq_length},
-                      consts={"split": split},
-                      inputs={"tokens": "tokenize", "chunk_db": "chunk-db"}),
-            StageCall(f"neighbours-{split}", "neighbours",
-                      reads={"neighbours": "retriever.neighbours",
-                             "retriever_type": "retriever.type", **search_reads},
-                      inputs={"sequences": f"sequences-{split}", "chunk_db": "chunk-db",
-                              "tokens": "tokenize", "tokenizer": "tokenizer", **search_inputs}),
-        ]
+        seqs = StageCall(f"sequences-{split}", "sequences", reads={"seq_length": seq_length},
+                         consts={"split": split}, inputs={"tokens": tokenize, "chunk_db": chunk_db})
+        calls += [seqs, StageCall(f"neighbours-{split}", "neighbours",
+                                  reads={"neighbours": "retriever.neighbours",
+                                         "retriever": "retriever"},
+                                  inputs={"sequences": seqs, **db, **search})]
     return calls
 
 
-def retriever_inputs(spec: Any) -> dict[str, str]:
-    """Input slot -> call name for a stage that builds a `Retriever` (QA eval, RA-DIT)."""
-    slots = {"tokenizer": "tokenizer", "tokens": "tokenize", "chunk_db": "chunk-db"}
-    if spec.retriever.type == "bm25":
-        return {**slots, "bm25": "bm25-index"}
-    return {**slots, "index": "fill-index"}
+def call(calls: list[StageCall], name: str) -> StageCall:
+    """The call named `name` among `calls` (recipes compose `db_stage_calls` with their own)."""
+    return next(c for c in calls if c.name == name)
+
+
+def retriever_inputs(calls: list[StageCall]) -> dict[str, StageCall]:
+    """Input slot -> handle for a stage that builds a `Retriever` (QA eval, RA-DIT): the DB
+    plus the dense index or the BM25 index, whichever `db_stage_calls` made."""
+    names = {c.name: c for c in calls}
+    out = {"tokenizer": names["tokenizer"], "tokens": names["tokenize"],
+           "chunk_db": names["chunk-db"]}
+    if "fill-index" in names:
+        return {**out, "index": names["fill-index"]}
+    return {**out, "bm25": names["bm25-index"]}
 
 
 def db_spec_issues(spec: Any) -> list[SpecIssue]:
@@ -100,7 +97,7 @@ def db_spec_issues(spec: Any) -> list[SpecIssue]:
 
 
 @register("recipe", "retro-db")
-class RetroDBRecipe:
+class RetroDBRecipe(BaseRecipe):
     """Only the retrieval database: tokens, chunk DB, index, neighbours of train/valid."""
 
     class Config(StrictModel):
@@ -109,8 +106,6 @@ class RetroDBRecipe:
         splits: list[Literal["train", "valid", "heldout"]] = ["train", "valid"]
         """Splits that get training sequences and neighbours ([] builds only the DB/index)."""
 
-    def __init__(self, config: Any):
-        self.config = config
 
     def check(self, spec: Any) -> list[SpecIssue]:
         return db_spec_issues(spec)

@@ -8,21 +8,31 @@ it), which is what neighbour search excludes (Megatron `query/query.py`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from retro.components.retrieval.chunking import SPLITS
 from retro.components.retrieval.common import artifact_path, read_meta, write_meta
 from retro.platform.errors import UserError
-from retro.platform.registry import register
+from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 
 _DOC_BLOCK = 1 << 16
 
 
-@register("stage", "sequences", version="1")
-def sequences(ctx: Any) -> dict:
+class SequencesParams(StageParams):
+    seq_length: int
+    """Tokens per training sequence."""
+    split: Literal["train", "valid", "heldout"]
+    """Which documents' tokens the sequences hold."""
+
+
+@stage("sequences", version="2", params=SequencesParams,
+       inputs={"tokens": "tokenized documents (tokenize)",
+               "chunk_db": "the documents' split (chunk-db)"},
+       estimate=lambda p: {"split": p.split, "seq_length": p.seq_length})
+def sequences(ctx: StageContext[SequencesParams]) -> dict:
     """Cut one split into training sequences.
 
     Params: `seq_length` (int), `split` (train/valid/heldout). Inputs: `tokens`, `chunk_db`.
@@ -30,7 +40,7 @@ def sequences(ctx: Any) -> dict:
     `seq_doc_offsets.npy` int64 [n_seq + 1] and `seq_docs.npy` int64: the documents of
     sequence i are `seq_docs[seq_doc_offsets[i]:seq_doc_offsets[i + 1]]`; `meta.json`.
     """
-    length, split = int(ctx.params["seq_length"]), ctx.params["split"]
+    length, split = ctx.params.seq_length, ctx.params.split
     tokens_dir = ctx.inputs["tokens"].path
     tmeta = read_meta(tokens_dir)
     offsets = np.load(tokens_dir / "doc_offsets.npy")
@@ -85,8 +95,6 @@ def _docs_per_sequence(docs: np.ndarray, starts: np.ndarray, length: int,
     np.cumsum(np.bincount(seq, minlength=n_seq), out=offsets[1:])
     return offsets, doc.astype(np.int64)
 
-
-sequences.estimate = lambda params: {"split": params["split"], "seq_length": params["seq_length"]}
 
 
 class Sequences:

@@ -17,7 +17,8 @@ import numpy as np
 from retro.components.corpora.base import ReadStats
 from retro.components.retrieval.common import build_component, done_marker, read_meta, \
     run_shards, write_meta
-from retro.platform.registry import register
+from retro.platform.spec.node import Node
+from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 
 _DOCS_PER_SHARD = 20_000
@@ -30,22 +31,30 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-@register("stage", "tokenize", version="1")
-def tokenize(ctx: Any) -> dict:
+class TokenizeParams(StageParams):
+    corpus: Node("corpus")
+    """The corpus node."""
+
+
+@stage("tokenize", version="2", params=TokenizeParams,
+       inputs={"tokenizer": "the decoder tokenizer (tokenizer)"},
+       estimate=lambda p: {"corpus": p.corpus.type,
+                           "max_documents": getattr(p.corpus, "max_documents", None)})
+def tokenize(ctx: StageContext[TokenizeParams]) -> dict:
     """Tokenize every document of the corpus (no EOD: sequences and chunks add what they need).
 
     Params: `corpus` (the corpus node). Inputs: `tokenizer`.
     Files: `tokens.npy` uint16/uint32 [n_tokens]; `doc_offsets.npy` int64 [n_docs + 1];
     `docs.jsonl` one `{"id", "title"}` per document; `meta.json`.
     """
-    corpus = build_component("corpus", ctx.params["corpus"])
+    corpus = build_component("corpus", ctx.params.corpus)
     scan = corpus.scan(ctx.parallel_map)  # every input error surfaces here, before tokenizing
     ctx.log.info("corpus: %d documents in %d sources", scan.n_docs, len(scan.sources))
     tok_meta = read_meta(ctx.inputs["tokenizer"].path)
     dtype = token_dtype(tok_meta["vocab_size"])
     n_shards = max(ctx.resources.num_workers, -(-scan.n_docs // _DOCS_PER_SHARD))
     shards = scan.shards(n_shards)
-    jobs = [{"corpus": ctx.params["corpus"], "tokenizer": str(ctx.inputs["tokenizer"].path),
+    jobs = [{"corpus": ctx.params.corpus.model_dump(mode="json"), "tokenizer": str(ctx.inputs["tokenizer"].path),
              "pieces": pieces, "dtype": dtype, "dir": str(ctx.work_dir / f"shard-{i:05d}")}
             for i, pieces in enumerate(shards)]
     sizes = [sum(b - a for _, a, b in pieces) for pieces in shards]
@@ -120,6 +129,3 @@ def _merge(out_dir: Path, dirs: list[Path], results: list[dict], dtype: str) -> 
     np.save(out_dir / "doc_offsets.npy", offsets)
     return n_tokens
 
-
-tokenize.estimate = lambda params: {"corpus": params["corpus"].get("type"),
-                                    "max_documents": params["corpus"].get("max_documents")}

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from retro.components.retrieval.common import build_component, write_meta
-from retro.platform.registry import register
+from retro.platform.spec.node import Node
+from retro.platform.stage import StageContext, StageParams, stage
 
 
-@register("stage", "tokenizer", version="1")
-def tokenizer_stage(ctx: Any) -> dict:
+class TokenizerParams(StageParams):
+    tokenizer: Node("tokenizer")
+    """The spec's tokenizer node."""
+    corpus: Optional[Node("corpus")] = None
+    """The corpus, only for tokenizers that train on it."""
+
+
+@stage("tokenizer", version="2", params=TokenizerParams,
+       estimate=lambda p: {"tokenizer": p.tokenizer.type})
+def tokenizer_stage(ctx: StageContext[TokenizerParams]) -> dict:
     """Save the decoder tokenizer into the artifact as an HF fast-tokenizer folder.
 
     Params: `tokenizer` (the spec's tokenizer node), `corpus` (only for tokenizers that train).
     Files: `tokenizer.json`, `tokenizer_config.json`, `meta.json` {eod_id, vocab_size}.
     """
-    source = build_component("tokenizer", ctx.params["tokenizer"])
-    corpus = build_component("corpus", ctx.params["corpus"]) if source.needs_corpus else None
+    source = build_component("tokenizer", ctx.params.tokenizer)
+    corpus = build_component("corpus", ctx.params.corpus) if source.needs_corpus else None
     if corpus is not None:
         corpus.sources()  # a missing corpus fails here, before training
     tok = source.build(corpus, ctx.log)
@@ -45,5 +54,3 @@ def load_tokenizer(artifact_path: Any):
         tok.pad_token = tok.eos_token
     return tok
 
-
-tokenizer_stage.estimate = lambda params: {"tokenizer": params["tokenizer"].get("type")}

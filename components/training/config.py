@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from retro.components.precision import Precision
 from retro.platform.registry import StrictModel, register
 
 # Used when neither the spec nor the model preset gives a value: small-model, CPU-friendly numbers.
@@ -193,8 +194,10 @@ resolve = resolve_schedule
 """The former name (callers outside the training stages use it)."""
 
 
-class RunSettings(StrictModel):
-    """How a training stage runs: micro-batching, evaluation, checkpoints, failures, sharding."""
+class TrainSettings(StrictModel):
+    """Spec-facing settings of a training stage that its artifact depends on (its key):
+    micro-batching, evaluation, precision. How it executes (checkpoint cadence, failures,
+    sharding) is `resources.stages.<name>`, never part of a key."""
 
     micro_batch: int = Field(1, ge=1)
     """Sequences per forward pass on one worker. Gradient accumulation makes up the rest of
@@ -204,6 +207,17 @@ class RunSettings(StrictModel):
     eval_batches: int = Field(4, ge=0)
     """Validation batches of `global_batch` sequences per evaluation (Megatron eval-iters);
     capped by the validation set; 0 disables validation."""
+    precision: Precision = "auto"
+    """`auto`: bf16 autocast where the worker's hardware computes bf16 fast (AMX / AVX512-BF16
+    CPUs, CUDA compute capability >= 8.0), else fp32; `bf16` / `fp32` force it. Master
+    weights, optimizer state and the loss stay fp32. An `auto` artifact made on a bf16 machine
+    is bf16 for everyone sharing the store: pin it when that matters (docs/precision.md)."""
+
+
+class RunSettings(TrainSettings):
+    """Everything the loop needs to run: the keyed settings plus the stage's execution
+    settings (`run_settings` fills these from `resources.stages.<name>`)."""
+
     checkpoint_interval: int = Field(100, ge=1)
     """Save a resumable checkpoint every this many steps (and after the last step)."""
     max_failures: int = Field(3, ge=0)
@@ -211,15 +225,20 @@ class RunSettings(StrictModel):
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state across workers (FSDP2) instead of
     replicating them (DDP); for models that do not fit one device."""
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 autocast on GPU workers; CPU workers always compute in fp32."""
+
+
+def run_settings(settings: TrainSettings, resources: Any) -> RunSettings:
+    """The loop's settings: a stage's keyed `settings` + its `resources` (a ResourceRequest)."""
+    return RunSettings(**{k: getattr(settings, k) for k in TrainSettings.model_fields},
+                       checkpoint_interval=resources.checkpoint_interval,
+                       max_failures=resources.max_failures, fsdp=resources.fsdp)
 
 
 @register("trainer", "lm", default=True)
 class LMTrainer:
     """Causal-LM training: GPT pretraining (`gpt`) and continued pretraining (`fit`)."""
 
-    class Config(RunSettings):
+    class Config(TrainSettings):
         seq_length: int = Field(2048, ge=8)
         """Tokens per training sequence (RETRO/Shall-we 2048, Retro 48B 4096); a multiple of
         the retriever's chunk length."""

@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from retro.components.training.config import LMTrainer, ResolvedSchedule, resolve_schedule
+from retro.components.training.config import (ResolvedSchedule, resolve_schedule,
+                                              run_settings)
 from retro.components.training.data import NpyRows
 from retro.components.training.loop import TrainJob
 from retro.platform.errors import UserError
@@ -80,7 +81,7 @@ def gpt_pretrain(ctx: StageContext[GptPretrainParams]) -> dict:
     """
     from retro.components.training.models import build_fresh, check_init
 
-    node, trainer = ctx.params["model"], _trainer(ctx.params["pretrain"])
+    node, trainer = ctx.params.model.model_dump(mode="json"), ctx.params.pretrain
     if node.get("init") or node.get("init_gguf") or node.get("type") == "hf-causal-lm":
         raise UserError("model.init is set: start from that checkpoint instead of running "
                         "gpt-pretrain (the recipe should skip this stage)")
@@ -104,7 +105,7 @@ def retro_fit(ctx: StageContext[RetroFitParams]) -> dict:
     """
     from retro.components.training.models import build_fresh, check_init
 
-    node, trainer = ctx.params["model"], _trainer(ctx.params["pretrain"])
+    node, trainer = ctx.params.model.model_dump(mode="json"), ctx.params.pretrain
     if node.get("type", "retro") != "retro" or node.get("retro") is False:
         raise UserError("retro-fit needs a Retro model: model.type retro with retro: true")
     vocab, eod = _vocab(ctx)
@@ -113,7 +114,7 @@ def retro_fit(ctx: StageContext[RetroFitParams]) -> dict:
     counts = check_init(node, vocab, m, retro=True, init_dir=init)
     sched = resolve_schedule(trainer.fit, trainer.seq_length, preset_defaults(node, "retrofit"))
     train, valid = _lm_rows(ctx, trainer.seq_length, eod, neighbours=True,
-                            k=ctx.params.get("num_neighbours"))
+                            k=ctx.params.num_neighbours)
     model = functools.partial(build_fresh, node, vocab, m, retro=True, init_dir=init)
     from retro.components.training.neighbours import neighbours_per_chunk
 
@@ -136,7 +137,7 @@ def gpt_fit(ctx: StageContext[GptFitParams]) -> dict:
     from retro.components.training.models import (build_fresh, check_init,
                                                    decoder_trainable)
 
-    node, trainer = ctx.params["model"], _trainer(ctx.params["pretrain"])
+    node, trainer = ctx.params.model.model_dump(mode="json"), ctx.params.pretrain
     vocab, eod = _vocab(ctx)
     init = _init_dir(ctx, node)
     sched = resolve_schedule(trainer.fit, trainer.seq_length, preset_defaults(node, "retrofit"))
@@ -153,10 +154,6 @@ def gpt_fit(ctx: StageContext[GptFitParams]) -> dict:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _trainer(params: dict[str, Any]) -> Any:
-    return LMTrainer.Config.model_validate({k: v for k, v in params.items() if k != "type"})
-
-
 def preset_defaults(node: dict[str, Any], phase: str) -> dict[str, Any]:
     """The model preset's training values for `phase` (`pretrain`, `retrofit`, `sft`), as
     Schedule fields, with warmup, decay and length in samples (as the papers and Megatron
@@ -260,7 +257,7 @@ def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: Resolve
     export = export or functools.partial(
         export_model, tokenizer_dir=str(ctx.inputs["tokenizer"].path), meta=meta)
     job = TrainJob(name=ctx.name, model=model, train_data=train, val_data=valid,
-                   schedule=sched, run=run, seed=ctx.seed, out_dir=str(ctx.work_dir / "job"),
+                   schedule=sched, run=run_settings(run, ctx.resources), seed=ctx.seed, out_dir=str(ctx.work_dir / "job"),
                    export=export)
     res = ctx.resources
     ctx.log.info("%s: %s; %d workers; params %s", kind, sched.summary(), res.num_workers,
@@ -268,8 +265,10 @@ def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: Resolve
     summary = launch(job, num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker,
                      gpus_per_worker=res.gpus_per_worker, storage=ctx.work_dir,
                      on_row=functools.partial(_forward, ctx, sched.steps, {}))
-    for item in job.final_dir.iterdir():
-        shutil.move(str(item), str(Path(ctx.out_dir) / item.name))
+    ctx.add_times(summary.pop("time_s", None))     # the rank-0 worker's split
+    with ctx.timer("io"):
+        for item in job.final_dir.iterdir():
+            shutil.move(str(item), str(Path(ctx.out_dir) / item.name))
     return {**summary, **{f"params_{k}": v for k, v in counts.items()},
             "global_batch": sched.global_batch, "lr": sched.lr}
 
@@ -280,12 +279,12 @@ def _forward(ctx: Any, steps: int, progress: dict[str, Any], row: dict[str, Any]
     if kind == "resume":
         ctx.log.info("resumed from the checkpoint at step %d", step)
         ctx.summary["resumed_from"] = step
+        progress.pop("bar", None)  # rows before this one replay the earlier attempt's history
+        return
     if kind == "precision":
         from retro.components.precision import report_precision
 
         report_precision(ctx, row)
-        return
-        progress.pop("bar", None)  # rows before this one replay the earlier attempt's history
         return
     if kind == "train":
         note = (f"loss {row.get('loss', float('nan')):.4f}, "
@@ -301,3 +300,4 @@ def _forward(ctx: Any, steps: int, progress: dict[str, Any], row: dict[str, Any]
     keys = ("loss", "lr", "grad_norm", "tokens_per_s") if kind == "train" \
         else ("val_loss", "val_ppl")
     ctx.log_metrics(step=step, **{k: row[k] for k in keys if k in row})
+

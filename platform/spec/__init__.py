@@ -125,7 +125,7 @@ def _slug(key: str, value: Any) -> str:
 def recipe_issues(variant: Variant, smap: SourceMap) -> list[SpecIssue]:
     """Cross-field checks owned by the spec's recipe (which sections it needs, ...)."""
     recipe = registry.get("recipe", variant.spec.recipe.type).obj(variant.spec.recipe)
-    found = list(recipe.check(variant.spec)) if hasattr(recipe, "check") else []
+    found = list(recipe.check(variant.spec))
     out = []
     for issue in found:
         if issue.file is None:

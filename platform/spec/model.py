@@ -16,7 +16,9 @@ from retro.platform.spec.node import Node
 
 
 class ResourceRequest(StrictModel):
-    """What one stage asks of the cluster. Never part of an artifact key."""
+    """How one stage executes: what it asks of the cluster, how it survives failures, how it
+    checkpoints and shards. Never part of an artifact key (Ray's RunConfig / ScalingConfig
+    split): none of these changes the numbers a stage produces."""
 
     num_workers: int = Field(1, ge=1)
     """Parallel workers (shards of a data stage, or Ray Train workers of a training stage)."""
@@ -26,6 +28,15 @@ class ResourceRequest(StrictModel):
     """GPUs reserved per worker (fractions allowed)."""
     memory_gb: Optional[float] = Field(None, gt=0)
     """Memory reserved per worker, in GiB; None reserves none."""
+    max_failures: int = Field(3, ge=0)
+    """Training stages: worker-group restarts from the last checkpoint before the stage
+    fails."""
+    checkpoint_interval: int = Field(100, ge=1)
+    """Training stages: save a resumable checkpoint every this many steps (and after the
+    last). Resume is exact, so the cadence never changes results."""
+    fsdp: bool = False
+    """Training stages: shard parameters, gradients and optimizer state across workers
+    (FSDP2) instead of replicating them (DDP); for models that do not fit one device."""
 
 
 class Resources(StrictModel):

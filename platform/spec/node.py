@@ -62,6 +62,33 @@ class NodeOf:
         return registry.get(self.kind, name).node_model().model_validate(value)
 
 
+@dataclass(frozen=True)
+class NodeFieldsOf(NodeOf):
+    """A node of `kind` narrowed to the fields a stage declares (a positive list).
+
+    The value validates as the whole component node, then every field not in `fields` is reset
+    to its default: the stage can neither see nor depend on it, and it does not enter the key.
+    """
+
+    fields: tuple[str, ...] = ()
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            self.validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                self._dump_fields, info_arg=True))
+
+    def validate(self, value: Any) -> BaseModel:
+        full = super().validate(value)
+        # A field another component of the kind lacks is simply absent here.
+        return type(full).model_validate({f: getattr(full, f) for f in ("type", *self.fields)
+                                          if f in type(full).model_fields})
+
+    def _dump_fields(self, value: BaseModel, info: Any) -> Any:
+        dumped = value.model_dump(mode=info.mode, exclude_none=False)
+        return {k: dumped[k] for k in ("type", *self.fields) if k in dumped}
+
+
 def _error(loc: tuple, error_type: str, template: str, value: Any, **ctx: Any) -> ValidationError:
     return ValidationError.from_exception_data(
         "component", [InitErrorDetails(type=PydanticCustomError(error_type, template, ctx),
@@ -75,3 +102,9 @@ def _dump(value: BaseModel, info: Any) -> Any:
 def Node(kind: str) -> Any:  # noqa: N802 - reads like a type in annotations
     """Annotation for a field holding a component node of registry kind `kind`."""
     return Annotated[BaseModel, NodeOf(kind)]
+
+
+def NodeFields(kind: str, *fields: str) -> Any:  # noqa: N802
+    """A stage param holding a node of `kind` with only `fields` (plus `type`) taken from the
+    spec: the positive list of what the stage depends on."""
+    return Annotated[BaseModel, NodeFieldsOf(kind, tuple(fields))]

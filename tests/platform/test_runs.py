@@ -130,10 +130,11 @@ def test_rerun_recomputes_only_the_named_stage(tmp_path, ray_session):
         api.run(spec, rerun=["scael"])
 
 
-def test_omitted_fields_neither_reach_the_stage_nor_its_key(tmp_path):
+def test_fields_a_call_does_not_pick_neither_reach_the_stage_nor_its_key(tmp_path):
+    """Positive lists: a `Pick` of some recipe fields is all the stage sees and its key holds."""
     from retro.platform.plan import build_plan
     from retro.platform.spec import load_spec
-    from retro.platform.stage import StageCall
+    from retro.platform.stage import Pick, StageCall
 
     import retro_toy
 
@@ -141,21 +142,27 @@ def test_omitted_fields_neither_reach_the_stage_nor_its_key(tmp_path):
 
     def stages(self, spec):
         calls = original(self, spec)
-        calls[0] = StageCall("source", "toy-source", reads={"n": "recipe.n", "all": "recipe"},
-                             omit={"all": ("offset",)})
+        calls[0].reads = {"n": "recipe.n", "label": Pick("recipe", ("label",))}
         return calls
 
+    class Params(retro_toy.SourceParams):
+        label: dict
+
     retro_toy.ToyRecipe.stages = stages
+    saved = retro_toy.toy_source.params
+    retro_toy.toy_source.params = Params
     try:
         plans = [build_plan(load_spec(toy_spec(tmp_path, f"s{o}",
                                                recipe={"type": "toy", "offset": o})))
                  for o in (0, 5)]
     finally:
         retro_toy.ToyRecipe.stages = original
+        retro_toy.toy_source.params = saved
     sources = [p.stages[0] for p in plans]
-    assert "offset" not in sources[0].params["all"] and "factor" in sources[0].params["all"]
+    assert sources[0].params["label"] == {"type": "toy", "label": ""}   # no offset, no n
     assert sources[0].key == sources[1].key
     assert plans[0].stages[-1].key != plans[1].stages[-1].key
+
 
 
 def test_secret_env_values_stay_out_of_run_files_and_store(tmp_path):

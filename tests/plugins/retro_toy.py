@@ -12,7 +12,7 @@ from typing import Optional
 from pydantic import Field
 
 from retro.platform.registry import StrictModel, register
-from retro.platform.stage import StageCall
+from retro.platform.stage import BaseRecipe, StageCall, StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 
 
@@ -21,7 +21,7 @@ def register_all() -> None:
 
 
 @register("recipe", "toy")
-class ToyRecipe:
+class ToyRecipe(BaseRecipe):
     """Three chained numeric stages (tests only)."""
 
     class Config(StrictModel):
@@ -37,9 +37,8 @@ class ToyRecipe:
         """Name of a stage that raises."""
         label: str = ""
         """Free text the source stage reads (tests keep secrets out of run files with it)."""
-
-    def __init__(self, config):
-        self.config = config
+        miswire: Optional[str] = None
+        """Tests of the wiring check: `misspelled-slot` or `missing-slot`."""
 
     def check(self, spec):
         from retro.platform.errors import SpecIssue
@@ -51,30 +50,58 @@ class ToyRecipe:
 
     def stages(self, spec):
         common = {"sleep": "recipe.sleep", "fail": "recipe.fail"}
-        return [
-            StageCall("source", "toy-source", reads={"n": "recipe.n", "label": "recipe.label",
-                                                         **common}),
-            StageCall("scale", "toy-scale", reads={"factor": "recipe.factor", **common},
-                      inputs={"numbers": "source"}),
-            StageCall("total", "toy-total", reads={"offset": "recipe.offset", **common},
-                      inputs={"numbers": "scale"}),
-        ]
+        source = StageCall("source", "toy-source",
+                           reads={"n": "recipe.n", "label": "recipe.label", **common})
+        scale = StageCall("scale", "toy-scale", reads={"factor": "recipe.factor", **common},
+                          inputs={"numbers": source})
+        total = StageCall("total", "toy-total", reads={"offset": "recipe.offset", **common},
+                          inputs={"numbers": scale})
+        if self.config.miswire == "misspelled-slot":
+            total.inputs = {"numbrs": scale}
+        elif self.config.miswire == "missing-slot":
+            total.inputs = {}
+        return [source, scale, total]
+
+
+class _Common(StageParams):
+    sleep: float = 0.0
+    """Seconds to sleep first."""
+    fail: Optional[str] = None
+    """The toy stage that raises."""
+
+
+class SourceParams(_Common):
+    n: int
+    """How many numbers."""
+    label: str = ""
+    """Free text."""
+
+
+class ScaleParams(_Common):
+    factor: int
+    """Multiplier."""
+
+
+class TotalParams(_Common):
+    offset: int
+    """Added to the sum."""
 
 
 def _maybe(ctx, name):
-    if ctx.params.get("sleep"):
-        time.sleep(ctx.params["sleep"])
-    if ctx.params.get("fail") == name:
+    if ctx.params.sleep:
+        time.sleep(ctx.params.sleep)
+    if ctx.params.fail == name:
         raise RuntimeError(f"toy stage {name} failed on purpose")
 
 
-@register("stage", "toy-source")
-def toy_source(ctx):
+@stage("toy-source", version="1", params=SourceParams)
+def toy_source(ctx: StageContext[SourceParams]):
+    """The numbers 0..n-1."""
     _maybe(ctx, "source")
-    arr = open_memmap(ctx.out_dir / "numbers.npy", "int64", (ctx.params["n"],), mode="w+")
-    arr[:] = range(ctx.params["n"])
+    arr = open_memmap(ctx.out_dir / "numbers.npy", "int64", (ctx.params.n,), mode="w+")
+    arr[:] = range(ctx.params.n)
     arr.flush()
-    return {"n": ctx.params["n"]}
+    return {"n": ctx.params.n}
 
 
 def _scale_shard(args):
@@ -82,13 +109,14 @@ def _scale_shard(args):
     return [v * factor for v in values]
 
 
-@register("stage", "toy-scale")
-def toy_scale(ctx):
+@stage("toy-scale", version="1", params=ScaleParams, inputs={"numbers": "the numbers"})
+def toy_scale(ctx: StageContext[ScaleParams]):
+    """Each number times `factor`, in two parallel shards."""
     _maybe(ctx, "scale")
     import numpy as np
 
     numbers = open_memmap(ctx.inputs["numbers"].file("numbers.npy"))
-    shards = [(numbers[i::2].tolist(), ctx.params["factor"]) for i in range(2)]
+    shards = [(numbers[i::2].tolist(), ctx.params.factor) for i in range(2)]
     parts = ctx.parallel_map(_scale_shard, shards)
     out = np.empty(len(numbers), dtype="int64")
     out[0::2], out[1::2] = parts[0], parts[1]
@@ -98,16 +126,16 @@ def toy_scale(ctx):
     return {"n": len(out)}
 
 
-@register("stage", "toy-total")
-def toy_total(ctx):
+@stage("toy-total", version="1", params=TotalParams, inputs={"numbers": "the numbers"},
+       estimate=lambda p: {"offset": p.offset})
+def toy_total(ctx: StageContext[TotalParams]):
+    """Their sum plus `offset`."""
     _maybe(ctx, "total")
     numbers = open_memmap(ctx.inputs["numbers"].file("numbers.npy"))
-    total = int(numbers.sum()) + ctx.params["offset"]
+    total = int(numbers.sum()) + ctx.params.offset
     (ctx.out_dir / "total.txt").write_text(str(total))
     return {"total": total}
 
-
-toy_total.estimate = lambda params: {"offset": params["offset"]}
 
 
 # ---------------------------------------------------------------- a toy evaluation (reports)

