@@ -74,12 +74,25 @@ def validate(spec: Path, override: list[str] = OVERRIDES) -> None:
 
 @app.command()
 def plan(spec: Path, override: list[str] = OVERRIDES,
-         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
-    """Show the DAG: stages, keys, cached or to run, resources, variants, estimates."""
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+         explain: Optional[str] = typer.Option(None, "--explain", metavar="STAGE", help=(
+             "Why STAGE is not cached: the key components (params, data, version, inputs) "
+             "that changed since its last artifact in the store."))) -> None:
+    """Show the DAG: stages, keys, cached or to run, resources, variants, estimates, and the
+    content hash of each data input (from the hash cache or hashed now)."""
     from retro.platform import api
 
     loaded, the_plan = api.plan(spec, override)
-    if as_json:
+    if explain is not None:
+        from retro.platform.explain import explain as explain_stage
+        from retro.platform.store import ArtifactStore
+
+        items = explain_stage(the_plan, ArtifactStore(loaded.spec.store.path), explain)
+        if as_json:
+            print(json.dumps(items, indent=2, default=str))
+        else:
+            render.explain(items)
+    elif as_json:
         print(json.dumps(the_plan.to_json(), indent=2, default=str))
     else:
         render.plan_table(loaded, the_plan)

@@ -48,11 +48,53 @@ def plan_table(loaded: Any, plan: Any) -> None:
                       "all (shared)" if shared else ", ".join(s.variants),
                       "\n".join(f"{k}: {v}" for k, v in s.info.items()))
     out.print(table)
+    data_table(plan)
     t = plan.to_json()["totals"]
     out.print(f"{t['stages']} stages: {t['to_run']} to run, {t['cached']} cached, "
               f"{t['shared']} shared by several variants")
     for path, value in plan.missing_data:
         out.print(f"[yellow]missing data[/] {path} = {value}")
+
+
+def data_table(plan: Any) -> None:
+    """The data inputs the stages' keys hash: digest, from the hash cache or hashed now, and
+    which stages read each (per stage in `retro plan --json`, `data`)."""
+    readers: dict[str, list[str]] = {}
+    digests: dict[str, Any] = {}
+    for s in plan.stages:
+        for loc, d in s.data.items():
+            digests.setdefault(loc, d)
+            readers.setdefault(loc, [])
+            if s.name not in readers[loc]:
+                readers[loc].append(s.name)
+    if not digests:
+        return
+    table = Table(show_lines=False)
+    for col in ("data input", "sha256", "hash", "read by"):
+        table.add_column(col, overflow="fold")
+    for loc, d in digests.items():
+        pkg = f" ({d.package['name']} {d.package['version']})" if d.package else ""
+        table.add_row(loc + pkg, d.sha256[:8] if d.sha256 else "[yellow]missing[/]",
+                      "cached" if d.cached else "hashed", ", ".join(readers[loc]))
+    out.print(table)
+
+
+def explain(items: list[dict[str, Any]], depth: int = 0) -> None:
+    """`retro plan --explain`: each stage's changed key components, then its changed inputs'."""
+    from retro.platform.explain import committed
+
+    pad = "  " * depth
+    for item in items:
+        if item["cached"]:
+            out.print(f"{pad}[bold]{item['id']}[/] is cached (artifact {item['key'][:10]})")
+            continue
+        prev = item["previous"]
+        out.print(f"{pad}[bold]{item['id']}[/] is not cached" + (
+            f"; compared with {item['stage']}/{prev['key'][:10]} (committed "
+            f"{committed(prev['committed_at'])})" if prev else ""))
+        for change in item["changes"]:
+            out.print(f"{pad}  {escape(change)}", highlight=False)
+        explain(item["upstream"], depth + 1)
 
 
 class LiveProgress:

