@@ -169,3 +169,25 @@ def test_platform_report_names_no_stage():
         text = (root / name).read_text()
         for stage in ("eval-ppl", "eval-qa", "qa-retrieve", "retro-fit", "gpt-fit"):
             assert stage not in text, (name, stage)
+
+
+def test_pairs_without_a_reference_arm_and_ablations_of_another_subject(tmp_path):
+    """RA-DIT-like: four arms, none a reference (all plain LMs) -> each against the first in
+    plan order; a closed-book call pairs with the base call of its own model only."""
+    from retro.platform.comparisons import Arm, find_pairs
+    from retro.platform.results import ItemSet, MetricDecl, Results
+
+    def arm(name, model, contexts, condition=None):
+        res = Results(family="f", subject=["model", "contexts"], condition=condition or {},
+                      sets=[ItemSet(name="s", file="x.jsonl", metrics={
+                          "em": MetricDecl(value="em")})])
+        inputs = {"model": model, **({"contexts": contexts} if contexts else {})}
+        return Arm(name, name, inputs, res, tmp_path)
+
+    arms = [arm("base", "lm", "r0"), arm("lm-ft", "lm-ft", "r0"), arm("r-ft", "lm", "r1"),
+            arm("ra-dit", "lm-ft", "r1"), arm("lm-ft-ctx-off", "lm-ft", None,
+                                              {"retrieval_context": False})]
+    pairs = find_pairs({a.id: a for a in arms}, {"v": {a.name: a.id for a in arms}})
+    assert sorted((k, a, b) for k, a, b, _ in pairs) == [
+        ("ablation", "lm-ft-ctx-off", "lm-ft"), ("ablation", "lm-ft-ctx-off", "ra-dit"),
+        ("subject", "lm-ft", "base"), ("subject", "r-ft", "base"), ("subject", "ra-dit", "base")]
