@@ -93,6 +93,19 @@ class Example:
     """The conversation; `turns[-1][1]` is y."""
     where: str
     """file:line of the record."""
+    target: str = ""
+    """y without the answer template (qa-pairs: the gold answer after "The answer is"); empty:
+    y is the whole last assistant message. LSR scores these tokens only."""
+
+
+def target_of(conv: Conversation) -> str:
+    """y proper of a conversation: a QA pair's gold answer when the rendered answer ends with
+    it (the template before it, e.g. "The answer is", is not y); else empty (the whole
+    answer)."""
+    answers = getattr(conv, "answers", None)
+    if answers and conv.turns[-1][1].rstrip().endswith(answers[0]):
+        return answers[0]
+    return ""
 
 
 def query_of(conv: Conversation) -> str:
@@ -140,7 +153,8 @@ def load_examples(nodes: Sequence[Any], total: int, eval_samples: int, seed: int
             convs = loaded[part.index].conversations
             for rec in getattr(part, which):
                 c = convs[rec]
-                out.append(Example(query_of(c), tuple(tuple(t) for t in c.turns), c.where))
+                out.append(Example(query_of(c), tuple(tuple(t) for t in c.turns), c.where,
+                                   target_of(c)))
         return out
 
     info = {"blend": [p.summary() for p in parts], "excluded": excluded}

@@ -1,9 +1,11 @@
 """LM scoring for LSR: log p_LM(y | c ∘ x) for every (example, retrieved chunk) pair.
 
 Rows are rendered exactly as RA-IT renders its training rows (`instruct.render.encode` with the
-chunk as "Background: ..." before the instruction), so y is the tokens RA-IT's loss covers (the
-answer and the end-of-text after it). Computed once, before the query encoder trains, as the
-paper does (its LSR scores are not refreshed).
+chunk as "Background: ..." before the instruction), but only y's own tokens are scored: RA-DIT's
+p_LM(y | c∘x) (REFERENCE §6), not the answer template before y ("The answer is") nor the EOD
+after it, which RA-IT's loss also covers. Template tokens are near-certain for some chunks and
+not others, and with τ = 0.01 their noise would decide p_LSR. Computed once, before the query
+encoder trains, as the paper does (its LSR scores are not refreshed).
 """
 
 from __future__ import annotations
@@ -35,10 +37,29 @@ def render_rows(examples: Sequence[Example], chunks: Sequence[Sequence[str]], to
         for text in texts:
             turns = with_background(ex.turns, cut_tokens(tokenizer, text, max_chunk_tokens))
             t, m, c = encode(turns, tokenize, eod, seq_length, system)
+            m = y_only(t, m, ex.target, tokenizer)
             toks.append(t)
             masks.append(m)
             cut += int(c)
     return np.stack(toks), np.stack(masks), cut
+
+
+def y_only(tokens: np.ndarray, mask: np.ndarray, target: str, tokenizer: Any) -> np.ndarray:
+    """The answer mask of an `encode`d row narrowed to y's tokens: without the EOD after the
+    answer and, when `target` is given, without the template tokens before it (the longest
+    answer suffix that decodes to `target`; the whole answer if none does)."""
+    pos = np.flatnonzero(mask)
+    out = np.zeros_like(mask)
+    if len(pos) < 2:
+        return out
+    answer = pos[:-1]                                # the last scored position is the EOD
+    start = 0
+    if target:
+        ids = tokens[answer].tolist()
+        start = next((s for s in range(len(ids) - 1, -1, -1)
+                      if tokenizer.decode(ids[s:]).strip() == target.strip()), 0)
+    out[answer[start:]] = 1
+    return out
 
 
 def answer_logprobs(model: Any, tokens: np.ndarray, mask: np.ndarray, batch_size: int,
