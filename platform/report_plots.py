@@ -1,7 +1,7 @@
 """PNG plots of a `Report` (matplotlib, Agg backend, imported only when plotting).
 
     headline.png  every headline metric a stage declared (per-item results): one panel per
-                  (item set, metric), a bar per (stage, variant) with its 95% CI
+                  (item set, metric), a point per (stage, variant) with its 95% CI
     deltas.png    every comparison of a headline metric: relative difference A / B - 1 (or the
                   difference, for metrics that can be <= 0) with its paired 95% CI; 0 is marked
     curves.png    training curves of every variant on one chart (loss-like series first)
@@ -59,7 +59,8 @@ def _curves(report: Any, out_dir: Path) -> Path | None:
 
 
 def _headline(report: Any, out_dir: Path) -> Path | None:
-    """One panel per (set, metric); a bar per (stage, variant), whiskers = the 95% CI."""
+    """One panel per (set, metric); a point per (stage, variant), whiskers = the 95% CI (points,
+    not bars: close values such as perplexities stay apart when the axis does not start at 0)."""
     panels: dict[tuple[str, str], list[Any]] = {}
     for row in report.headline:
         panels.setdefault((row.set, row.metric), []).append(row)
@@ -67,7 +68,7 @@ def _headline(report: Any, out_dir: Path) -> Path | None:
         return None
     keys = list(panels)[:MAX_PANELS]
     bars = max(len(rows) * len(report.variants) for rows in panels.values())
-    fig, axes = _grid(len(keys), width=max(4.0, 0.45 * bars + 2))
+    fig, axes = _grid(len(keys), width=max(5.5, 0.6 * bars + 2))
     for ax, key in zip(axes, keys):
         labels, values, errs, colors = [], [], [[], []], []
         for i, row in enumerate(panels[key]):
@@ -81,10 +82,12 @@ def _headline(report: Any, out_dir: Path) -> Path | None:
                 errs[0].append(max(e.value - e.lo, 0.0))
                 errs[1].append(max(e.hi - e.value, 0.0))
                 colors.append(f"C{report.variants.index(v) % 10}")
-        ax.bar(range(len(values)), values, yerr=errs, capsize=3, color=colors)
+        for x, (value, lo, hi, color) in enumerate(zip(values, *errs, colors)):
+            ax.errorbar([x], [value], yerr=[[lo], [hi]], fmt="o", capsize=4, color=color)
+            ax.annotate(f"{value:.4g}", (x, value), xytext=(6, 0), textcoords="offset points",
+                        fontsize=7, va="center")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
-        for x, value in enumerate(values):
-            ax.text(x, value, f"{value:.4g}", ha="center", va="bottom", fontsize=7)
+        ax.set_xlim(-0.5, len(values) - 0.5)
         better = panels[key][0].better
         ax.set_title(f"{key[0]}/{key[1]}" + (f" ({better} is better)" if better else ""),
                      fontsize=9)
@@ -124,8 +127,8 @@ def _deltas(report: Any, out_dir: Path) -> Path | None:
             ax.errorbar([mid], [y], xerr=[[max(mid - lo, 0)], [max(hi - mid, 0)]], fmt="o",
                         color=color, capsize=3)
         ax.axvline(0.0, color="k", linewidth=0.8)
-        where = lambda c: "" if len(c.variants) == len(report.variants) else \
-            f" ({', '.join(c.variants)})"
+        where = lambda c: "" if len(c.variants) == len(report.variants) or \
+            c.kind == "variant" else f" ({', '.join(c.variants)})"
         ax.set_yticks(range(len(cs)), [f"{c.a} vs {c.b}{where(c)}" for c in cs], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("A / B - 1 (%)" if rel else "A - B")
