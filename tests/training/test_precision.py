@@ -141,3 +141,24 @@ def test_the_stage_log_and_manifest_get_the_workers_precision(caplog):
         _forward(ctx, 10, {}, row)
     assert ctx.summary == {"precision": "bf16", "precision_requested": "bf16"}
     assert [r.levelno for r in caplog.records] == [logging.INFO, logging.WARNING]
+
+
+# ------------------------------------------------------------------------------ embedding
+def test_embedder_bf16_is_close_to_fp32_and_auto_follows_the_hardware(monkeypatch):
+    import numpy as np
+
+    from retro.components.retrieval.embedders import HFMeanPoolEmbedder
+
+    texts = ["Astatine is a radioactive chemical element with symbol At.",
+             "The bulk properties of astatine are not known with certainty.",
+             "Deadpool 2 was released in May 2018."]
+    emb = {p: HFMeanPoolEmbedder(HFMeanPoolEmbedder.Config(precision=p, batch_size=2))
+           for p in ("fp32", "bf16")}
+    out = {p: e.embed(texts) for p, e in emb.items()}
+    assert emb["bf16"].precision == "bf16"
+    assert emb["bf16"]._model.dtype == torch.float32          # the loaded weights stay fp32
+    cos = np.sum(out["bf16"] * out["fp32"], axis=1)            # both L2-normalised
+    assert (cos > 0.995).all() and not np.array_equal(out["bf16"], out["fp32"]), cos
+    monkeypatch.setattr(P, "hardware_probe", lambda kind: False)
+    auto = HFMeanPoolEmbedder(HFMeanPoolEmbedder.Config(precision="auto", batch_size=2))
+    assert np.array_equal(auto.embed(texts), out["fp32"]) and auto.precision == "fp32"
