@@ -65,7 +65,8 @@ P = TypeVar("P", bound=BaseModel)
 class StageDef(Generic[P]):
     """A declared stage: its function, version, params model, input slots and plan hooks.
 
-    Calling it calls the function, so `tokenize(ctx)` still works in tests.
+    Calling it calls the function, so `tokenize(ctx)` works in tests (JSON params in
+    `ctx.params` are validated into the params model first).
     """
 
     def __init__(self, name: str, fn: Callable[["StageContext"], Any], version: str,
@@ -77,6 +78,8 @@ class StageDef(Generic[P]):
         self.__name__ = getattr(fn, "__name__", name)
 
     def __call__(self, ctx: "StageContext") -> Any:
+        if isinstance(ctx.params, dict):    # a direct call (tests, tools) with JSON params
+            ctx.params = self.params.model_validate(ctx.params)
         return self.fn(ctx)
 
     def estimate(self, params: P) -> dict[str, Any]:

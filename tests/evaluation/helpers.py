@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from retro.platform.spec.model import ResourceRequest
-from retro.platform.stage import StageContext, typed_params
+from retro.platform.stage import StageContext
 from retro.platform.store import Artifact, ArtifactStore
 
 WIKI = "wiki_featured_passages/passages.part-00.jsonl.gz"
@@ -67,7 +67,7 @@ def stage_ctx(tmp: Path, name: str, params: dict, inputs: dict[str, Artifact]) -
     shutil.rmtree(tmp / name, ignore_errors=True)
     out.mkdir(parents=True)
     work.mkdir(parents=True)
-    return StageContext(name=name, stage=name, key="0" * 32, params=typed_params(name, params),
+    return StageContext(name=name, stage=name, key="0" * 32, params=params,
                         inputs=inputs,
                         out_dir=out, work_dir=work, seed=0,
                         resources=ResourceRequest(cpus_per_worker=2),

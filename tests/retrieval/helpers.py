@@ -13,7 +13,7 @@ import yaml
 
 from retro.components.retrieval.common import build_component
 from retro.platform.spec.model import ResourceRequest
-from retro.platform.stage import StageContext, typed_params
+from retro.platform.stage import StageContext
 from retro.platform.store import Artifact
 
 WIKI = "wiki_featured_passages/passages.part-00.jsonl.gz"
@@ -62,7 +62,7 @@ def stage_ctx(tmp: Path, name: str, params: dict, inputs: dict[str, Path],
     work.mkdir(parents=True)
     log = logging.getLogger(f"test.{name}")
     return StageContext(
-        name=name, stage=name, key="0" * 32, params=typed_params(name, params),
+        name=name, stage=name, key="0" * 32, params=params,
         inputs={slot: Artifact(slot, "0" * 32, Path(p)) for slot, p in inputs.items()},
         out_dir=out, work_dir=work, seed=0, resources=ResourceRequest(num_workers=num_workers),
         log=log, tracker=_NullTracker())

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+from retro.platform.stage import StageCall
 from retro.components.retrieval.api import ChunkDB, Neighbours, Retriever, Sequences, \
     load_tokenizer, retriever_inputs
 from retro.components.retrieval.common import build_component
@@ -143,8 +144,9 @@ def test_results_do_not_depend_on_the_number_of_shards(dense):
 def test_dense_retriever_answers_free_text(dense, shared_data):
     _, (_, arts), _ = dense
     node = dense_sections(shared_data)["retriever"]
-    spec = type("S", (), {"retriever": type("R", (), {"type": "dense"})})
-    inputs = {slot: arts[call] for slot, call in retriever_inputs(spec).items()}
+    calls = [StageCall(name, name) for name in ("tokenizer", "tokenize", "chunk-db",
+                                                 "fill-index")]
+    inputs = {slot: arts[call.name] for slot, call in retriever_inputs(calls).items()}
     retriever = Retriever.from_artifacts(node, inputs)
     db = ChunkDB(arts["chunk-db"], arts["tokenize"])
     tok = load_tokenizer(arts["tokenizer"])
