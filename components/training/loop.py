@@ -93,7 +93,9 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     model.to(device)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"{job.name}: the freeze policy leaves no trainable parameter")
-    wrapped = _wrap(model, run.fsdp, world, device)
+    unused = _unused_parameters(model, job, start, rank, world, device) \
+        if world > 1 and not run.fsdp else False
+    wrapped = _wrap(model, run.fsdp, world, device, find_unused=unused)
     params = [p for p in wrapped.parameters() if p.requires_grad]   # FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(_param_groups(wrapped, sched.weight_decay), lr=sched.lr,
                                   betas=sched.betas, fused=False)
@@ -158,15 +160,24 @@ def evaluate(model: Any, rows: TokenRows, run: RunSettings, global_batch: int, r
     """Token-weighted validation loss and perplexity over the first eval rows (fixed order)."""
     import torch
 
+    import numpy as np
+
     n = min(len(rows), run.eval_batches * global_batch)
-    idx = torch.arange(n).numpy()[rank::world]
+    # Every rank runs the same forwards (FSDP all-gathers, DDP buffer syncs are collective):
+    # rank r scores rows r, r+W, ...; the last round pads with row 0, masked out of the loss.
+    per_rank = -(-n // world)
+    idx = np.arange(per_rank) * world + rank
+    real = idx < n
+    idx = np.where(real, idx, 0)
     total = torch.zeros((), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
     was_training = model.training
     model.eval()
     with torch.no_grad(), _autocast(device, _resolve_precision(run.precision, device)):
-        for start in range(0, len(idx), run.micro_batch):
+        for start in range(0, per_rank, run.micro_batch):
             mb = rows.batch(idx[start:start + run.micro_batch])
+            keep = torch.from_numpy(real[start:start + run.micro_batch])
+            mb["loss_mask"] = mb["loss_mask"] * keep[:, None].to(mb["loss_mask"].dtype)
             total += _loss_sum(model, mb, device).double().cpu()
             count += mb["loss_mask"].sum().double()
     model.train(was_training)
@@ -224,8 +235,48 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 4099 + rank) % (2**63 - 1)
 
 
-def _wrap(model: Any, fsdp: bool, world: int, device: Any) -> Any:
-    """DDP (or FSDP2 when asked) across the process group; the bare model when alone."""
+def _unused_parameters(model: Any, job: TrainJob, step: int, rank: int, world: int,
+                       device: Any) -> bool:
+    """Whether some trainable parameter takes no part in the loss on any rank (gate 0 or no
+    neighbours with a trainable encoder / CCA): DDP then needs `find_unused_parameters`.
+
+    One forward of this rank's first micro-batch, then a walk of its autograd graph (what DDP
+    itself does every step with the flag on); the ranks agree through an all-reduce."""
+    import torch
+
+    rows = job.train_data()
+    sampler = GlobalBatchSampler(len(rows), job.schedule.global_batch, job.seed)
+    mb = _micro_batches(rows.batch(sampler.batch(step)[rank::world]), job.run.micro_batch)[0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.train()
+    try:
+        reached = _graph_leaves(_loss_sum(model, mb, device))
+    finally:
+        model.train(was_training)
+    used = torch.tensor([float(id(p) in reached) for p in trainable], dtype=torch.float64)
+    used = _all_sum(used, world)
+    return bool((used == 0).any())
+
+
+def _graph_leaves(loss: Any) -> set[int]:
+    """ids of the leaf tensors (parameters) the autograd graph of `loss` reaches."""
+    seen, leaves, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)      # AccumulateGrad: a leaf
+        if var is not None:
+            leaves.add(id(var))
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+def _wrap(model: Any, fsdp: bool, world: int, device: Any, find_unused: bool = False) -> Any:
+    """DDP (or FSDP2 when asked) across the process group; the bare model when alone.
+    `find_unused`: some trainable parameter gets no gradient (see `_unused_parameters`)."""
     import torch.distributed as dist
 
     if world == 1 or not dist.is_initialized():
@@ -240,7 +291,7 @@ def _wrap(model: Any, fsdp: bool, world: int, device: Any) -> Any:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    return DDP(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def _shard_units(model: Any) -> list:
