@@ -269,9 +269,10 @@ def test_qa_retrieve_then_answer_with_and_without_context(tmp_path, db, models, 
           "limit": 3, "retrieve_k": 4, "passages": 2, "encoder_neighbours": 2,
           "max_new_tokens": 4}
     ctx = stage_ctx(tmp_path, "qa-retrieve", {
-        "datasets": qa["datasets"], "data_dir": qa["data_dir"], "limit": 3,
-        "answer_in_corpus": False, "retrieve_k": 4, "retriever_type": "dense",
-        "embedder": {"type": "hf-mean-pool"}, "index": {"type": "faiss", "factory": "Flat"}},
+        "evaluator": {"type": "qa", "datasets": qa["datasets"], "data_dir": qa["data_dir"],
+                      "limit": 3, "answer_in_corpus": False, "retrieve_k": 4},
+        "retriever": {"type": "dense", "embedder": {"type": "hf-mean-pool"},
+                      "index": {"type": "faiss", "factory": "Flat"}}},
         {s: db[c] for s, c in (("tokenizer", "tokenizer"), ("tokens", "tokenize"),
                                ("chunk_db", "chunk-db"), ("index", "fill-index"))})
     recall = qa_retrieve(ctx)
@@ -292,7 +293,7 @@ def test_qa_retrieve_then_answer_with_and_without_context(tmp_path, db, models, 
             ("closed-no-contexts", {"retrieval_context": False}, {}),
             ("encoder-only", {"retrieval_context": False, "context_in_encoder_only": True},
              {"contexts": contexts})):
-        c = stage_ctx(tmp_path, name, {"evaluator": qa, **consts},
+        c = _stage_ctx(tmp_path, name, "eval-qa", {"evaluator": qa, **consts},
                       {"model": models["retro"], "tokenizer": db["tokenizer"], **inputs})
         scores[name] = eval_qa(c)
         for ds in qa["datasets"]:
@@ -336,8 +337,13 @@ class _FakeLM:
 def test_model_inputs_closed_book_gets_nothing(consts, retro, prompt, encoder, shared_data):
     from retro.components.evaluators.qa import model_inputs, settings
 
-    cfg = settings({"evaluator": {"type": "qa", "data_dir": str(shared_data), "passages": 2,
-                                  "encoder_neighbours": 1}, **consts})
+    params = {"evaluator": {"type": "qa", "data_dir": str(shared_data), "passages": 2,
+                            "encoder_neighbours": 1}, **consts}
+    from retro.platform import stage as stage_module
+
+    if hasattr(stage_module, "typed_params"):
+        params = stage_module.typed_params("eval-qa", params)
+    cfg = settings(params)
     row = {"passages": [{"chunk_id": c, "text": c} for c in "abc"]}
     got = model_inputs(_FakeLM(retro), cfg, row)
     assert [[p["chunk_id"] for p in part] for part in got] == [prompt, encoder]
@@ -391,21 +397,29 @@ def test_eval_qa_refuses_context_without_contexts_input(tmp_path, models, shared
 
 
 def test_call_helpers_wire_slots_and_share_closed_book(tmp_path, shared_data):
+    from retro.components.retrieval.api import db_stage_calls
+    from retro.platform.stage import StageCall
+
     spec = load_spec(db_spec(tmp_path, shared_data)).spec
-    retrieve = qa_retrieve_call(spec, "eval.1")
-    assert retrieve.inputs == {"tokenizer": "tokenizer", "tokens": "tokenize",
-                               "chunk_db": "chunk-db", "index": "fill-index"}
-    assert retrieve.reads["retrieve_k"] == "eval.1.retrieve_k"
-    calls = eval_qa_calls("eval.1", "import-gguf", suffix="smol", retro_model=False,
+    db = db_stage_calls(spec, seq_length="recipe.seq_length")
+    by_name = {c.name: c for c in db}
+    retrieve = qa_retrieve_call(spec, db, "eval.1")
+    assert {s: c.name for s, c in retrieve.inputs.items()} == {
+        "tokenizer": "tokenizer", "tokens": "tokenize", "chunk_db": "chunk-db",
+        "index": "fill-index"}
+    assert "retrieve_k" in retrieve.reads["evaluator"].fields
+    model = StageCall("import-gguf", "import-gguf")
+    calls = eval_qa_calls("eval.1", model, contexts=retrieve, suffix="smol", retro_model=False,
                           ablations=[{}, {"retrieval_context": False}])
     assert [c.name for c in calls] == ["eval-qa-smol", "eval-qa-smol-ctx-off"]
     assert "contexts" in calls[0].inputs and "contexts" not in calls[1].inputs
-    ppl = eval_ppl_calls("eval.0", "gpt-fit", suffix="gpt", retro_model=False)
+    ppl = eval_ppl_calls("eval.0", StageCall("gpt-fit", "gpt-fit"), db, suffix="gpt",
+                         retro_model=False)
     assert set(ppl[0].inputs) == {"model", "sequences", "tokenizer"}
-    ppl = eval_ppl_calls("eval.0", "retro-fit", suffix="retro",
+    ppl = eval_ppl_calls("eval.0", StageCall("retro-fit", "retro-fit"), db, suffix="retro",
                          ablations=[{}, {"encoder": False}])
     assert [c.name for c in ppl] == ["eval-ppl-retro", "eval-ppl-retro-encoder-off"]
-    assert ppl[0].inputs["neighbours"] == "neighbours-valid"
+    assert ppl[0].inputs["neighbours"] is by_name["neighbours-valid"]
     assert "neighbours" not in ppl[1].inputs
 
 
@@ -458,3 +472,16 @@ def test_eval_qa_resumes_after_the_last_saved_prediction(tmp_path, db, models, s
     assert preds[0] == saved and len(preds) == 3
     assert [p["id"] for p in preds[1:]] == ["nq-test-00002", "nq-test-00003"]
     assert summary["nq_open/em"] >= 100 / 3 - 1e-9   # the saved exact match counts
+
+
+def test_48b_plan_scores_retro_ppl_with_the_two_trained_neighbours():
+    """The 48B spec trains Retro-fit on 2 of the 20 saved neighbours (Megatron's default,
+    REFERENCE §0/§2.6); its eval-ppl call gets those 2, visible in `retro plan`."""
+    from retro.platform.api import validate
+
+    _, plan = validate(Path(__file__).resolve().parents[2] / "specs/instructretro-48b.yaml")
+    by_name = {s.name: s for s in plan.stages}
+    assert by_name["retro-fit"].params["num_neighbours"] == 2
+    assert by_name["eval-ppl-retro"].params["train_neighbours"] == 2
+    assert by_name["eval-ppl-retro"].params["evaluator"].get("neighbours") is None
+    assert by_name["eval-ppl-gpt"].params.get("train_neighbours") is None
