@@ -113,10 +113,14 @@ def score_arms(arms: list[Arm], cache: ItemCache) -> list[Scored]:
 
 def find_pairs(arms: dict[str, Arm], variants: dict[str, dict[str, str]]
                ) -> list[tuple[Kind, str, str, list[str]]]:
-    """(kind, a id, b id, variants) of every comparison the declarations imply."""
+    """(kind, a id, b id, variants) of every comparison the declarations imply.
+
+    `arms` in plan (topological) order; `variants` (variant -> call -> stage id) with the base
+    variant first."""
     pairs: dict[tuple[str, str], tuple[Kind, list[str]]] = {}
     for variant, calls in variants.items():
-        present = [arms[i] for i in calls.values() if i in arms]   # plan order
+        ids = set(calls.values())
+        present = [a for a in arms.values() if a.id in ids]   # `arms` is in plan order
         for a, b, kind in _within_variant(present):
             pairs.setdefault((a.id, b.id), (kind, []))[1].append(variant)
     names = list(variants)

@@ -134,7 +134,8 @@ def build_report(record: RunRecord, store: Path | None = None) -> Report:
         raise UserError(f"{run_dir} is not a readable run folder ({e}); "
                         "pass a folder made by `retro run`") from None
     store = Path(store) if store else _store_root(top, run_dir)
-    variants = list(plan["variants"])
+    variants = spec_order(list(plan["variants"]), top)
+    plan["variants"] = {v: plan["variants"][v] for v in variants}  # the first is the base
     states = {e["id"]: e["event"] for e in record.events() if "id" in e}
     stages = [_stage_info(s, states.get(s["id"], "pending"), store) for s in plan["stages"]]
     metrics, eval_names = _metric_table(stages, plan["variants"])
@@ -146,6 +147,15 @@ def build_report(record: RunRecord, store: Path | None = None) -> Report:
     return rep
 
 
+def spec_order(variants: list[str], top: dict[str, Any]) -> list[str]:
+    """Variant names in the order the sweep lists them (plan.json stores them sorted); names the
+    sweep does not list (grid points) keep their order, after the listed ones."""
+    listed = [v.get("name") for v in (top.get("sweep") or {}).get("variants") or []
+              if isinstance(v, dict)]
+    first = [v for v in listed if v in variants]
+    return first + [v for v in variants if v not in first]
+
+
 def add_statistics(report: Report, plan_variants: dict[str, dict[str, str]]) -> None:
     """Fill the headline (declared headline metrics with CIs) and the comparisons."""
     arms = {s.id: Arm(s.id, s.name, s.inputs, s.results, s.path)
@@ -153,7 +163,13 @@ def add_statistics(report: Report, plan_variants: dict[str, dict[str, str]]) -> 
     cache = ItemCache()
     scored = score_arms(list(arms.values()), cache)
     report.headline = headline(scored, plan_variants)
-    report.comparisons = compare(arms, plan_variants, cache)
+    comps = compare(arms, plan_variants, cache)
+    metric_order = list(dict.fromkeys((c.set, c.metric) for c in comps))
+    kinds = {"ablation": 0, "subject": 1, "variant": 2}
+    variant_order = {v: i for i, v in enumerate(plan_variants)}
+    report.comparisons = sorted(comps, key=lambda c: (
+        metric_order.index((c.set, c.metric)), kinds[c.kind],
+        min(variant_order.get(v, 0) for v in c.variants or [""])))
 
 
 def headline(scored: list[Scored], plan_variants: dict[str, dict[str, str]]

@@ -107,11 +107,10 @@ def _deltas(report: Any, out_dir: Path) -> Path | None:
         return None
     keys = list(panels)[:MAX_PANELS]
     rows = max(len(cs) for cs in panels.values())
-    cols = min(len(keys), 2)
     import matplotlib.pyplot as plt
 
-    nrows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(7.5 * cols, (0.35 * rows + 1.4) * nrows),
+    cols, nrows = 1, len(keys)   # one column: the long "A vs B" labels need the left margin
+    fig, axes = plt.subplots(nrows, cols, figsize=(10, (0.35 * rows + 1.4) * nrows),
                              squeeze=False)
     flat = [ax for r in axes for ax in r]
     for ax in flat[len(keys):]:

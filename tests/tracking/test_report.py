@@ -191,3 +191,12 @@ def test_pairs_without_a_reference_arm_and_ablations_of_another_subject(tmp_path
     assert sorted((k, a, b) for k, a, b, _ in pairs) == [
         ("ablation", "lm-ft-ctx-off", "lm-ft"), ("ablation", "lm-ft-ctx-off", "ra-dit"),
         ("subject", "lm-ft", "base"), ("subject", "r-ft", "base"), ("subject", "ra-dit", "base")]
+
+
+def test_variants_keep_the_sweep_order_so_the_first_listed_is_the_base():
+    from retro.platform.report import spec_order
+
+    top = {"sweep": {"variants": [{"name": "unfrozen", "set": {}}, {"name": "frozen"}]}}
+    assert spec_order(["frozen", "unfrozen"], top) == ["unfrozen", "frozen"]  # plan.json sorts
+    assert spec_order(["offset=0", "offset=7"], {"sweep": {"grid": {}}}) == ["offset=0",
+                                                                              "offset=7"]
