@@ -162,13 +162,15 @@ def stage_precision(ctx: Any, requested: str, device: Any = "cpu",
 
 def precision_info(params: Any, *path: str) -> dict[str, str]:
     """A stage estimate's precision entry (`retro plan`'s info column): the `precision` field
-    of the node at `path` in the stage's params (a dict or a params model)."""
+    of the node at `path` in the stage's params (a dict or a params model); {} when the
+    params have no such node (e.g. a BM25 retriever has no embedder)."""
     node = params
-    for name in (*path, "precision"):
+    for name in path:
         node = node.get(name) if isinstance(node, dict) else getattr(node, name, None)
         if node is None:
-            break
-    return {"precision": plan_text(node or "auto")}
+            return {}
+    value = node.get("precision") if isinstance(node, dict) else getattr(node, "precision", None)
+    return {"precision": plan_text(value or "auto")}
 
 
 def report_shard_precision(ctx: Any, results: list[dict[str, Any]],

@@ -80,6 +80,7 @@ def test_plan_text_says_how_auto_resolves_here():
     assert P.plan_text("fp32") == "fp32"
     assert P.precision_info({"pretrain": {"precision": "bf16"}}, "pretrain") == \
         {"precision": "bf16"}
+    assert P.precision_info({"retriever": {"type": "bm25"}}, "retriever", "embedder") == {}
 
 
 # ------------------------------------------------------------------------------ training
