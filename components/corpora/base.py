@@ -105,9 +105,9 @@ class BaseCorpus:
         self.config = config
 
     def __reduce__(self):  # configs are dynamic pydantic classes: ship the JSON, rebuild there
-        from retro.components.retrieval.common import build_component
+        from retro.platform.registry import registry
 
-        return (build_component, ("corpus", self.config.model_dump(mode="json")))
+        return (registry.build, ("corpus", self.config.model_dump(mode="json")))
 
     # subclasses ------------------------------------------------------------------------------
     def sources(self) -> list[Any]:

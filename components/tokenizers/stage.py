@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from retro.components.retrieval.common import build_component, write_meta
+from retro.platform.registry import registry
 from retro.platform.spec.node import Node
+from retro.platform.store import write_json_atomic
 from retro.platform.stage import StageContext, StageParams, stage
 
 
@@ -25,15 +26,17 @@ def tokenizer_stage(ctx: StageContext[TokenizerParams]) -> dict:
     Params: `tokenizer` (the spec's tokenizer node), `corpus` (only for tokenizers that train).
     Files: `tokenizer.json`, `tokenizer_config.json`, `meta.json` {eod_id, vocab_size}.
     """
-    source = build_component("tokenizer", ctx.params.tokenizer)
-    corpus = build_component("corpus", ctx.params.corpus) if source.needs_corpus else None
+    source = registry.build("tokenizer", ctx.params.tokenizer)
+    corpus = registry.build("corpus", ctx.params.corpus) if source.needs_corpus else None
     if corpus is not None:
         corpus.sources()  # a missing corpus fails here, before training
     tok = source.build(corpus, ctx.log)
     tok.save_pretrained(str(ctx.out_dir))
     vocab_size = len(tok)
-    write_meta(ctx.out_dir, eod_id=int(tok.eos_token_id), eod_token=tok.eos_token,
-               vocab_size=vocab_size)
+    # The same meta.json every retrieval artifact writes (retrieval.common.write_meta).
+    write_json_atomic(ctx.out_dir / "meta.json", {"eod_id": int(tok.eos_token_id),
+                                                  "eod_token": tok.eos_token,
+                                                  "vocab_size": vocab_size})
     return {"vocab_size": vocab_size, "eod_id": int(tok.eos_token_id)}
 
 
