@@ -79,6 +79,9 @@ class StageDef(Generic[P]):
 
     def __call__(self, ctx: "StageContext") -> Any:
         if isinstance(ctx.params, dict):    # a direct call (tests, tools) with JSON params
+            from retro.platform.registry import registry
+
+            registry.load_plugins()             # the nodes' component types
             ctx.params = self.params.model_validate(ctx.params)
         return self.fn(ctx)
 
