@@ -173,6 +173,11 @@ class Recipe(Protocol):
     def estimate(self, spec: Any, name: str, params: Any) -> dict[str, Any]:
         """Extra `retro plan` info for call `name` (e.g. parameters and cost of training)."""
 
+    def resolve(self, spec: Any) -> Any:
+        """`spec` with every value the run will use written out (defaults that depend on other
+        sections: preset schedules, layouts, neighbour counts). Idempotent; the planner keys
+        the resolved spec and resolved.yaml records it, so the lock is the truth."""
+
 
 class BaseRecipe:
     """Defaults of the optional `Recipe` hooks; a recipe's `Config` arrives as `self.config`."""
@@ -185,6 +190,9 @@ class BaseRecipe:
 
     def estimate(self, spec: Any, name: str, params: Any) -> dict[str, Any]:
         return {}
+
+    def resolve(self, spec: Any) -> Any:
+        return spec
 
 
 class Tracker(Protocol):

@@ -48,6 +48,11 @@ class RagEvalRecipe(BaseRecipe):
                                         hint="perplexity needs the instructretro recipe"))
         return issues
 
+    def resolve(self, spec: Any) -> Any:
+        from retro.components.retrieval.recipe import resolve_db
+
+        return resolve_db(spec)
+
     def stages(self, spec: Any) -> list[StageCall]:
         from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
         from retro.components.retrieval.api import db_stage_calls

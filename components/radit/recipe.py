@@ -75,6 +75,11 @@ class RaDitRecipe(BaseRecipe):
                                         f"{e.type!r}", value=e.type, has_value=True))
         return issues
 
+    def resolve(self, spec: Any) -> Any:
+        from retro.components.retrieval.recipe import resolve_db
+
+        return resolve_db(spec)
+
     def stages(self, spec: Any) -> list[StageCall]:
         from retro.components.retrieval.api import call, db_stage_calls, retriever_inputs
 

@@ -44,6 +44,48 @@ class InstructRetroRecipe(BaseRecipe):
     def estimate(self, spec: Any, name: str, params: Any) -> dict[str, Any]:
         return estimate_training(spec, name, params)
 
+    def resolve(self, spec: Any) -> Any:
+        """Write out what the stages would otherwise derive: the neighbours Retro trains and is
+        scored with, the CCA layout, both training schedules (preset values converted with the
+        resolved batch), the SFT floor LR and the in-context window."""
+        from retro.components.retrieval.recipe import resolve_db
+        from retro.components.training.config import Schedule, resolve_schedule
+        from retro.components.training.stages import preset_defaults
+
+        spec = resolve_db(spec)
+        k = self.config.train_neighbours or spec.retriever.neighbours.k
+        update: dict[str, Any] = {"recipe": spec.recipe.model_copy(
+            update={"train_neighbours": k})}
+        model = spec.model
+        dims = model.dims() if model.type == "retro" else None
+        if dims is not None and model.retro and not isinstance(model.cca_layers, list):
+            update["model"] = model.model_copy(
+                update={"cca_layers": model.resolved_cca_layers(dims.n_layers)})
+        if spec.pretrain is not None:
+            node = model.model_dump(mode="json")
+            seq = spec.pretrain.seq_length
+            phases = {name: resolve_schedule(getattr(spec.pretrain, name), seq,
+                                             preset_defaults(node, phase))
+                      for name, phase in (("gpt", "pretrain"), ("fit", "retrofit"))}
+            update["pretrain"] = spec.pretrain.model_copy(update={
+                name: Schedule(steps=r.steps, global_batch=r.global_batch, lr=r.lr,
+                               min_lr=r.min_lr, warmup=r.warmup_steps, decay=r.decay,
+                               decay_steps=r.decay_steps, weight_decay=r.weight_decay,
+                               betas=r.betas, grad_clip=r.grad_clip)
+                for name, r in phases.items()})
+        if spec.instruct is not None and getattr(spec.instruct, "min_lr", 0) is None:
+            update["instruct"] = spec.instruct.model_copy(update={"min_lr": spec.instruct.lr})
+        evals = []
+        for e in spec.eval:
+            if e.type == "ppl":
+                fill = {"neighbours": e.neighbours or k}
+                if e.context_window is None and spec.pretrain is not None:
+                    fill["context_window"] = spec.pretrain.seq_length
+                e = e.model_copy(update=fill)
+            evals.append(e)
+        update["eval"] = evals
+        return spec.model_copy(update=update)
+
     def check(self, spec: Any) -> list[SpecIssue]:
         from retro.components.retrieval.recipe import db_spec_issues
 
@@ -142,7 +184,8 @@ class InstructRetroRecipe(BaseRecipe):
             if e.type == "ppl":
                 calls += eval_ppl_calls(path, fits["retro"], db, suffix=f"retro{sfx}",
                                         ablations=[{}, {"encoder": False}]
-                                        if self.config.ppl_gate0 else [{}])
+                                        if self.config.ppl_gate0 else [{}],
+                                        train_neighbours="recipe.train_neighbours")
                 if self.config.gpt_fit:
                     calls += eval_ppl_calls(path, fits["gpt"], db, suffix=f"gpt{sfx}",
                                             retro_model=False)

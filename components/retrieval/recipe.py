@@ -84,6 +84,21 @@ def retriever_inputs(calls: list[StageCall]) -> dict[str, StageCall]:
     return {**out, "bm25": names["bm25-index"]}
 
 
+def resolve_db(spec: Any) -> Any:
+    """`spec` with the index's `dim` written out (the embedder's width, read from its
+    config.json; left unset when the encoder is not on this machine)."""
+    retriever = spec.retriever
+    if retriever is None or "index" not in type(retriever).model_fields \
+            or retriever.index.dim is not None:
+        return spec
+    try:
+        dim = registry.build("embedder", retriever.embedder).dim
+    except Exception:  # noqa: BLE001 - not readable here: the embed stage checks it
+        return spec
+    index = retriever.index.model_copy(update={"dim": dim})
+    return spec.model_copy(update={"retriever": retriever.model_copy(update={"index": index})})
+
+
 def db_spec_issues(spec: Any) -> list[SpecIssue]:
     """Sections a retrieval DB needs: corpus, tokenizer, retriever."""
     issues = []
@@ -109,6 +124,9 @@ class RetroDBRecipe(BaseRecipe):
 
     def check(self, spec: Any) -> list[SpecIssue]:
         return db_spec_issues(spec)
+
+    def resolve(self, spec: Any) -> Any:
+        return resolve_db(spec)
 
     def stages(self, spec: Any) -> list[StageCall]:
         return db_stage_calls(spec, splits=self.config.splits)

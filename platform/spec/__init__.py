@@ -72,7 +72,15 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> LoadedSpec:
         issues.extend(recipe_issues(v, smap))
     if issues:
         raise SpecError(issues)
+    spec = resolve_values(spec)
+    for v in variants:
+        v.spec = resolve_values(v.spec)
     return LoadedSpec(spec, variants, raw, smap, Path(path))
+
+
+def resolve_values(spec: Spec) -> Spec:
+    """The recipe's `resolve`: every value the run uses written into the spec."""
+    return registry.get("recipe", spec.recipe.type).obj(spec.recipe).resolve(spec)
 
 
 def validate_dict(raw: dict, smap: SourceMap | None = None, context: str = "") -> Spec:

@@ -82,3 +82,57 @@ def test_plan_json_params_are_the_stage_params_model(tmp_path):
         assert sdef.params.model_validate(s.params).model_dump(mode="json") == s.params
         assert set(s.inputs) <= set(sdef.inputs) and set(sdef.required) <= set(s.inputs)
     json.dumps(plan.to_json())
+
+
+# A null in resolved.yaml is allowed only where it means "none / off / the other form was
+# given" — never for a value the run derives and uses (torchtune: every value in the YAML).
+NULL_MEANS_NONE = {
+    "retriever.embedder.model": "the packaged MiniLM encoder (keyed by package + files)",
+    "retriever.index.train_size": "no cap on the training sample",
+    "retriever.index.ef_search": "HNSW only; this index has no HNSW",
+    "retriever.quality.min_recall": "no minimum recall",
+    "model.init": "no checkpoint: gpt-pretrain makes the GPT",
+    "model.init_gguf": "no GGUF checkpoint",
+    "tracking.0.entity": "the W&B default entity",
+    "tracking.0.dir": "the run folder",
+}
+OTHER_FORM = ("samples", "tokens", "warmup_samples", "decay_samples")   # steps/warmup/decay_steps
+EXECUTION = ("resources.", "sweep", "lock")
+
+
+def _nulls(value, path=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _nulls(v, f"{path}{k}.")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _nulls(v, f"{path}{i}.")
+    elif value is None:
+        yield path[:-1]
+
+
+def test_resolved_spec_of_the_tiny_run_holds_every_value_it_uses():
+    from retro.platform.runs import resolved
+
+    data = resolved(load_spec(TINY).spec)
+    left = [p for p in _nulls(data) if p not in NULL_MEANS_NONE and not p.startswith(EXECUTION)
+            and not (p.startswith("pretrain.") and p.rsplit(".", 1)[1] in OTHER_FORM)
+            and not (p.startswith("instruct.blend.") and p.rsplit(".", 1)[1] in
+                     ("samples", "epochs", "template"))]
+    assert left == []
+    assert data["recipe"]["train_neighbours"] == data["retriever"]["neighbours"]["k"]
+    assert data["pretrain"]["fit"]["decay_steps"] == data["pretrain"]["fit"]["steps"]
+    assert data["model"]["cca_layers"] and data["eval"][0]["neighbours"] == 2
+
+
+def test_the_resolved_spec_plans_to_the_same_keys(tmp_path):
+    """Resolution is idempotent: resolved.yaml re-run is the same experiment."""
+    import yaml
+
+    from retro.platform.runs import resolved
+
+    loaded = load_spec(TINY)
+    again = tmp_path / "resolved.yaml"
+    again.write_text(yaml.safe_dump(resolved(loaded.spec), sort_keys=False))
+    assert [s.key for s in build_plan(load_spec(again)).stages] == \
+        [s.key for s in build_plan(loaded).stages]
