@@ -2,8 +2,9 @@
 
     headline.png  every headline metric a stage declared (per-item results): one panel per
                   (item set, metric), a point per (stage, variant) with its 95% CI
-    deltas.png    every comparison of a headline metric: relative difference A / B - 1 (or the
-                  difference, for metrics that can be <= 0) with its paired 95% CI; 0 is marked
+    deltas.png    every comparison of a headline metric: relative difference A / B - 1 for
+                  pooled ratios (ppl), the difference A - B for means (EM), with its paired 95%
+                  CI; 0 is marked
     curves.png    training curves of every variant on one chart (loss-like series first)
     metrics.png   final evaluation metrics (or stage summaries) per variant, small multiples
 
@@ -117,7 +118,7 @@ def _deltas(report: Any, out_dir: Path) -> Path | None:
         ax.set_visible(False)
     for ax, key in zip(flat, keys):
         cs = panels[key]
-        rel = all(c.diff.a >= 0 and c.diff.b > 0 for c in cs)
+        rel = all(c.decl.aggregate != "mean" and c.diff.b > 0 for c in cs)
         for y, c in enumerate(cs):
             d = c.diff
             mid, lo, hi = ((100 * d.rel, 100 * d.rel_lo, 100 * d.rel_hi) if rel

@@ -148,11 +148,8 @@ def toy_total(ctx: StageContext[TotalParams]):
 # score_i = difficulty_i + skill + hint_bonus·hint + noise_i (noise seeded by arm and hint);
 # nll_i = length_i · (3 − score_i / 4) gives a pooled exp-ratio metric like perplexity.
 
-from retro.platform.stage import StageParams, stage  # noqa: E402
-
-
 @register("recipe", "toy-quiz")
-class ToyQuizRecipe:
+class ToyQuizRecipe(BaseRecipe):
     """A quiz graded for two learners and one ablation (tests only)."""
 
     class Config(StrictModel):
@@ -164,15 +161,6 @@ class ToyQuizRecipe:
         """Score added to every question when hints are on."""
         noise: float = 0.3
         """Std of the per-question grading noise."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def check(self, spec):
-        return []
-
-    def estimate(self, spec, name, params):
-        return {}
 
     def stages(self, spec):
         grade = {"hint_bonus": "recipe.hint_bonus", "noise": "recipe.noise"}
