@@ -29,6 +29,10 @@ class TextDirCorpus(BaseCorpus):
         files_per_source: int = Field(_FILES_PER_SOURCE, ge=1)
         """Files per scan/shard unit (execution detail; does not change the output)."""
 
+        def data_files(self) -> dict[str, tuple[str, ...]]:
+            """Only the files `pattern` selects enter stage keys."""
+            return {"path": (self.pattern,)}
+
     def describe(self) -> str:
         return f"text-dir {self.config.path}"
 

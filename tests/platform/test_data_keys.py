@@ -258,6 +258,19 @@ def test_qa_folder_keys_only_the_datasets_it_reads(tiny_copy):
     assert keys(TINY, ovr) == before
 
 
+def test_text_dir_corpus_keys_only_the_files_its_pattern_selects(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("one document")
+    ovr = [f"corpus={{type: text-dir, path: {docs}}}"]
+    before = keys(TINY, ovr)
+    (docs / "notes.md").write_text("not a document")  # outside `pattern: **/*.txt`
+    assert keys(TINY, ovr) == before
+    (docs / "b.txt").write_text("another document")
+    assert changed(before, keys(TINY, ovr)) == set(before)  # every stage reads the corpus
+
+
 @pytest.mark.parametrize("spec", ["retro-tiny", "ra-dit-tiny"])
 def test_retro_data_relative_or_absolute_gives_identical_keys(shared_data, monkeypatch, spec):
     monkeypatch.chdir(ROOT)
