@@ -388,9 +388,10 @@ def comparison_rows(report: Report, headline_only: bool = False) -> list[list[st
         d = c.diff
         where = "all" if set(c.variants) == every else ", ".join(c.variants)
         # relative differences for pooled ratios (ppl, bpb); means (EM, F1) in absolute points
-        rel = f"{100 * d.rel:+.2f}% [{100 * d.rel_lo:+.2f}, {100 * d.rel_hi:+.2f}]" \
-            if c.decl.aggregate != "mean" and d.b > 0 and math.isfinite(d.rel_lo + d.rel_hi) \
-            else "–"
+        rel = "–"
+        if c.decl.aggregate != "mean" and d.b > 0 and math.isfinite(d.rel_lo + d.rel_hi):
+            text = fmt_ci(100 * d.rel, 100 * d.rel_lo, 100 * d.rel_hi, 3)
+            rel = ("" if d.rel < 0 else "+") + text.replace(" [", "% [", 1)
         delta = fmt_ci(d.delta, d.lo, d.hi, 3)
         out.append([f"{c.a} vs {c.b}", where, f"{c.set}/{c.metric}", sig(d.a, 5), sig(d.b, 5),
                     delta if d.delta < 0 else "+" + delta, rel, f"{d.n} {c.unit}", c.verdict])
