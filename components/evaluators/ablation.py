@@ -38,15 +38,21 @@ class EvalParams(StageParams):
     """Ablation: retrieved text in (True) or out of (False) the model's input."""
     context_in_encoder_only: Optional[bool] = None
     """Ablation (QA): passages reach the encoder only, never the prompt."""
+    train_neighbours: Optional[int] = None
+    """eval-ppl: neighbours per chunk the model trained with (`recipe.train_neighbours`), the
+    encoder's default when the node's `neighbours` is unset."""
 
 
 def ablation_call(stage: str, suffix: str, overrides: dict[str, bool], eval_path: str,
-                  fields: tuple[str, ...], inputs: dict[str, StageCall]) -> StageCall:
+                  fields: tuple[str, ...], inputs: dict[str, StageCall],
+                  reads: dict[str, str] | None = None) -> StageCall:
     """One evaluator stage call: reads the evaluator node's `fields` (the positive list of
-    what this call's output depends on; an overridden field is a const instead)."""
+    what this call's output depends on; an overridden field is a const instead), plus `reads`
+    (param -> dotted spec path) from elsewhere in the spec."""
     return StageCall(f"{stage}{'-' + suffix if suffix else ''}{ablation_tag(overrides)}", stage,
                      reads={"evaluator": Pick(eval_path, tuple(f for f in fields
-                                                               if f not in overrides))},
+                                                               if f not in overrides)),
+                            **(reads or {})},
                      consts=dict(overrides), inputs=inputs)
 
 

@@ -78,8 +78,8 @@ class PplEvaluator:
 
 def eval_ppl_calls(eval_path: str, model: StageCall, db: list[StageCall], *,
                    split: str = "valid", suffix: str = "",
-                   ablations: list[dict[str, bool]] | None = None, retro_model: bool = True
-                   ) -> list[StageCall]:
+                   ablations: list[dict[str, bool]] | None = None, retro_model: bool = True,
+                   train_neighbours: str | None = None) -> list[StageCall]:
     """`eval-ppl` calls for one model with the ppl evaluator at `eval_path` (e.g. `eval.0`).
 
     Args:
@@ -93,6 +93,9 @@ def eval_ppl_calls(eval_path: str, model: StageCall, db: list[StageCall], *,
         ablations: one call per dict of overrides, e.g. [{}, {"encoder": False}].
         retro_model: the model may read neighbours (else they are not wired for encoder-on
             calls, so a GPT's ppl does not depend on the retriever).
+        train_neighbours: dotted spec path of the neighbours per chunk the model trained with
+            (e.g. `recipe.train_neighbours`): the encoder's k unless the node sets
+            `neighbours` (None there: the model's training.json, else all the artifact holds).
     """
     by_name = {c.name: c for c in db}
     calls = []
@@ -100,14 +103,18 @@ def eval_ppl_calls(eval_path: str, model: StageCall, db: list[StageCall], *,
         inputs = {"model": model, "sequences": by_name[f"sequences-{split}"],
                   "tokenizer": by_name["tokenizer"]}
         in_context = overrides.get("retrieval_context", False)
-        fields = PPL_FIELDS
-        if in_context or (retro_model and overrides.get("encoder", True)):
+        fields, reads = PPL_FIELDS, {}
+        encoder = retro_model and overrides.get("encoder", True)
+        if in_context or encoder:
             inputs |= {"neighbours": by_name[f"neighbours-{split}"],
                        "chunk_db": by_name["chunk-db"], "tokens": by_name["tokenize"]}
             fields += NEIGHBOUR_FIELDS
+            if encoder and not in_context and train_neighbours:
+                reads["train_neighbours"] = train_neighbours
         if overrides.get("retrieval_context", True):   # the node may turn it on
             fields += CONTEXT_FIELDS
-        calls.append(ablation_call("eval-ppl", suffix, overrides, eval_path, fields, inputs))
+        calls.append(ablation_call("eval-ppl", suffix, overrides, eval_path, fields, inputs,
+                                   reads))
     return calls
 
 
@@ -226,8 +233,10 @@ def _neighbour_source(ctx: StageContext, cfg: PplEvaluator.Config) -> Any:
     from retro.components.evaluators.lm import find_model_dir
     from retro.components.evaluators.ppl_inputs import trained_neighbours
 
-    # what the model trained with (retro-fit's `num_neighbours`) unless the node says otherwise
-    k = cfg.neighbours or trained_neighbours(find_model_dir(Path(ctx.inputs["model"].path)))
+    # what the model trained with (the recipe's `train_neighbours`, else retro-fit's record in
+    # training.json) unless the node says otherwise
+    k = cfg.neighbours or getattr(ctx.params, "train_neighbours", None) or trained_neighbours(
+        find_model_dir(Path(ctx.inputs["model"].path)))
     return DBNeighbours(str(ctx.inputs["neighbours"].path), str(ctx.inputs["chunk_db"].path),
                         str(ctx.inputs["tokens"].path), k)
 

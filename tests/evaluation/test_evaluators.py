@@ -266,11 +266,11 @@ def test_qa_retrieve_then_answer_with_and_without_context(tmp_path, db, models, 
     contexts supplied with the dataset")."""
     qa = {"type": "qa", "datasets": ["nq_open", "triviaqa_open", "squad_v2"],
           "data_dir": str(shared_data),
-          "limit": 3, "retrieve_k": 4, "passages": 2, "encoder_neighbours": 2,
-          "max_new_tokens": 4}
+          "limit": 3, "retrieve_k": 5, "passages": 2, "encoder_neighbours": 2,
+          "max_new_tokens": 4, **_FP32}
     ctx = stage_ctx(tmp_path, "qa-retrieve", {
         "evaluator": {"type": "qa", "datasets": qa["datasets"], "data_dir": qa["data_dir"],
-                      "limit": 3, "answer_in_corpus": False, "retrieve_k": 4},
+                      "limit": 3, "answer_in_corpus": False, "retrieve_k": 5},
         "retriever": {"type": "dense", "embedder": {"type": "hf-mean-pool"},
                       "index": {"type": "faiss", "factory": "Flat"}}},
         {s: db[c] for s, c in (("tokenizer", "tokenizer"), ("tokens", "tokenize"),
@@ -279,9 +279,9 @@ def test_qa_retrieve_then_answer_with_and_without_context(tmp_path, db, models, 
     contexts = as_artifact(ctx.out_dir, "qa-retrieve")
     rows = [json.loads(x) for x in (ctx.out_dir / "contexts/nq_open.jsonl").read_text()
             .splitlines()]
-    assert len(rows) == 3 and all(len(r["passages"]) == 4 for r in rows)
+    assert len(rows) == 3 and all(len(r["passages"]) == 5 for r in rows)
     assert {"chunk_id", "doc_id", "title", "text", "score"} <= set(rows[0]["passages"][0])
-    assert 0 <= recall["nq_open/recall@1"] <= recall["nq_open/recall@4"] <= 100
+    assert 0 <= recall["nq_open/recall@1"] <= recall["nq_open/recall@5"] <= 100
 
     gold = {e.id: e.context["paragraph_id"]
             for e in load_questions(shared_data, "squad_v2", 3)}
@@ -482,6 +482,6 @@ def test_48b_plan_scores_retro_ppl_with_the_two_trained_neighbours():
     _, plan = validate(Path(__file__).resolve().parents[2] / "specs/instructretro-48b.yaml")
     by_name = {s.name: s for s in plan.stages}
     assert by_name["retro-fit"].params["num_neighbours"] == 2
-    assert by_name["eval-ppl-retro"].params["train_neighbours"] == 2
-    assert by_name["eval-ppl-retro"].params["evaluator"].get("neighbours") is None
+    params = by_name["eval-ppl-retro"].params      # the node's k, else the trained k
+    assert (params["evaluator"].get("neighbours") or params["train_neighbours"]) == 2
     assert by_name["eval-ppl-gpt"].params.get("train_neighbours") is None
