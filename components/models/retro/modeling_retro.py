@@ -170,12 +170,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(inner, arch.d, bias=arch.bias)
         self.rotary = rotary
 
-    def forward(self, x, ctx=None, key_mask=None):  # x: [B, tq, d], ctx: [B, tk, d]
-        ctx = x if ctx is None else ctx
+    def kv(self, ctx):  # ctx: [B, tk, d] -> keys, values [B, h, tk, hd]
+        """Key/value projections of `ctx`: what a cached cross-attention computes once."""
+        B = ctx.shape[0]
+        k = self.k_proj(ctx).view(B, -1, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(ctx).view(B, -1, self.heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, ctx=None, key_mask=None, kv=None):  # x: [B, tq, d], ctx: [B, tk, d]
+        """`kv`: precomputed `self.kv(ctx)` (cross-attention only; then `ctx` is unused)."""
         B, tq, _ = x.shape
         q = self.q_proj(x).view(B, tq, self.heads, self.head_dim).transpose(1, 2)  # [B, h, tq, hd]
-        k = self.k_proj(ctx).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, h, tk, hd]
-        v = self.v_proj(ctx).view(B, -1, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x if ctx is None else ctx) if kv is None else kv  # [B, h, tk, hd]
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         mask = has_key = None
@@ -341,12 +347,14 @@ class RetroForCausalLM(nn.Module):
         h = self.decoder.model.embed_tokens(input_ids)
         return h, self.decoder.model.rotary_emb(h, position_ids=position_ids)
 
-    def _self_attention(self, layer, h, rope):
+    def _self_attention(self, layer, h, rope, cache=None, mask=None):
+        """`cache`: a transformers Cache the layer appends its keys/values to (generation);
+        `mask`: None (causal) or [b, 1, tq, tk] bool, True = may attend."""
         if self.arch.family == "gpt2":
-            a, _ = layer.attn(layer.ln_1(h), attention_mask=None)
+            a, _ = layer.attn(layer.ln_1(h), attention_mask=mask, cache=cache)
             return a + h
-        a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=None,
-                               position_embeddings=rope)
+        a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask,
+                               position_embeddings=rope, cache=cache)
         drop = getattr(layer, "resid_attn_dropout", None)  # phi3 only
         return h + (drop(a) if drop is not None else a)
 

@@ -1,0 +1,235 @@
+"""KV-cached forward of `RetroForCausalLM` for generation: a batch of left-padded rows, one new
+block of columns per call (the prompts, then one token per step).
+
+What is cached, per row:
+- decoder self-attention keys/values: a transformers `DynamicCache` fed to the decoder's own
+  attention modules (the same ones `RetroForCausalLM.forward` runs);
+- Retro: each completed chunk's neighbours are retrieved once (`retrieve(chunk text)`), encoded
+  once (conditioned on that chunk's states at the first CCA layer, kept while the chunk fills),
+  and projected once into every CCA layer's cross-attention keys/values.
+
+Chunks count each row's REAL tokens: with left padding, row r's chunk j is its real tokens
+jm ... (j+1)m-1, wherever they sit in the padded batch. CCA keeps RETRO's m-1 shift: a real
+position p >= m-1 attends to chunk (p+1)//m - 1, so a chunk's neighbours are retrieved when its
+last token is fed and reach that token and the next m-1 (REFERENCE §1.4). Padding columns are
+never attended (masked keys), get no positions, and never complete a chunk; a row that stopped
+generating is fed padding columns.
+
+Positions: a real token's position id is its index among its row's real tokens, so a
+left-padded row computes what it would alone (up to float rounding of the masked sums).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+Retrieve = Optional[Callable[[str], Any]]
+
+
+def neighbour_block(found: Any) -> torch.Tensor:
+    """A `retrieve` result ([k, r] ids, [r] for one neighbour, k lists of any lengths, None /
+    empty for nothing) as a LongTensor [k, r], -1 = padding."""
+    if found is None or len(found) == 0:
+        return torch.full((1, 1), -1, dtype=torch.long)
+    if isinstance(found, torch.Tensor) or not hasattr(found[0], "__len__"):
+        t = torch.as_tensor(found, dtype=torch.long)
+        return t.reshape(-1, t.shape[-1])
+    return _pad_stack([torch.as_tensor(x, dtype=torch.long).reshape(1, -1) for x in found])[:, 0]
+
+
+def _pad_stack(blocks: Sequence[torch.Tensor], value: int = -1) -> torch.Tensor:
+    """[k_i, r_i] blocks -> [N, max k, max r], padded with `value`."""
+    k = max(t.shape[0] for t in blocks)
+    r = max(t.shape[1] for t in blocks)
+    out = torch.full((len(blocks), k, r), value, dtype=torch.long)
+    for i, t in enumerate(blocks):
+        out[i, : t.shape[0], : t.shape[1]] = t
+    return out
+
+
+class CachedRetro:
+    """Incremental forward over `b` rows.
+
+    Args:
+        model: a RetroForCausalLM in eval mode (a plain decoder: `retro: false`).
+        batch: number of rows.
+        tokenizer: decodes completed chunks for `retrieve`.
+        retrieve: per row, `retrieve(chunk_text) -> neighbour ids` or None (that row retrieves
+            nothing). Ignored (no retrieval) without an encoder or with gate 0.
+    """
+
+    def __init__(self, model, batch: int, tokenizer: Any = None,
+                 retrieve: Optional[Sequence[Retrieve]] = None):
+        from transformers import DynamicCache
+
+        self.model, self.b = model, batch
+        self.m = model.config.chunk_length
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.decoder.config)
+        self.real = torch.zeros((batch, 0), dtype=torch.bool, device=self.device)
+        self.n_real = [0] * batch
+        self.tokenizer = tokenizer
+        self.retrieve = list(retrieve) if retrieve is not None else [None] * batch
+        self.use_retrieval = (model.encoder is not None and model.gate != 0
+                              and any(r is not None for r in self.retrieve))
+        self.cca_ids = [i for i in range(1, model.n_layers + 1) if str(i) in model.cca]
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]    # real tokens per row
+        self.neighbours: list[list[Any]] = [[] for _ in range(batch)]  # retrieve() results
+        self._states: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # open chunk [d]
+        # per CCA layer: keys / values of each row's latest completed chunk, and its key mask
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kv_mask = torch.zeros((batch, 0), dtype=torch.bool, device=self.device)
+        self._pending: dict[tuple[int, int], tuple] = {}  # (row, chunk) encoded this call
+
+    @property
+    def retrieved_chunks(self) -> list[int]:
+        return [len(x) for x in self.neighbours]
+
+    def step(self, ids: torch.Tensor, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Feed columns `ids` [b, T] (`real` [b, T] bool, False = padding; default all real);
+        returns the logits [b, V] at the last column."""
+        ids = ids.to(self.device)
+        real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.to(self.device)
+        b, T = ids.shape
+        past = self.real.shape[1]
+        # positions: index among the row's real tokens (padding: clamped, never attended)
+        start = torch.tensor(self.n_real, device=self.device)[:, None]
+        pos = (start + real.long().cumsum(1) - 1).clamp(min=0)           # [b, T]
+        completed = self._note_tokens(ids, real)       # [(row, chunk j, column of its last token)]
+        self.real = torch.cat([self.real, real], dim=1)                   # [b, past + T]
+        mask = self._attention_mask(past, T)
+        h, rope = self.model._embed(ids, pos)                             # [b, T, d]
+        for i, layer in enumerate(self.model._layers(), start=1):
+            h = self.model._self_attention(layer, h, rope, cache=self.cache, mask=mask)
+            if self.use_retrieval and i in self.cca_ids:
+                x = self.model.cca[str(i)].norm(h)                        # [b, T, d]
+                if i == self.cca_ids[0]:
+                    self._encode_completed(x, real, completed)
+                    if T == 1:  # the one new position attends to its newest chunk
+                        self._promote()
+                h = h + self.model.gate * self._cca(i, x, real, pos)
+            h = self.model._mlp(layer, h)
+        self._promote()  # a block's columns were served from _pending and the older chunk
+        return self.model._head(h[:, -1:])[:, 0]                          # [b, V]
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _note_tokens(self, ids, real) -> list[tuple[int, int, int]]:
+        """Append real tokens per row; retrieve for every chunk they complete."""
+        done = []
+        rows, cols = torch.nonzero(real, as_tuple=True)
+        values = ids[rows, cols].tolist()
+        for r, c, t in zip(rows.tolist(), cols.tolist(), values):
+            self.tokens[r].append(int(t))
+            self.n_real[r] += 1
+            if self.n_real[r] % self.m == 0 and self.use_retrieval:
+                j = self.n_real[r] // self.m - 1
+                fetch = self.retrieve[r]
+                text = self.tokenizer.decode(self.tokens[r][j * self.m:(j + 1) * self.m])
+                self.neighbours[r].append(fetch(text) if fetch is not None else None)
+                done.append((r, j, c))
+        return done
+
+    def _attention_mask(self, past: int, T: int):
+        """[b, 1, T, past + T] bool (True = attend): real keys at or before the query column.
+        None when that is plain causal attention over an unpadded batch."""
+        if bool(self.real.all()) and (T == 1 or past == 0):
+            return None
+        S = past + T
+        q_col = torch.arange(past, S, device=self.device)[:, None]       # [T, 1]
+        k_col = torch.arange(S, device=self.device)[None]                 # [1, S]
+        allowed = (k_col <= q_col)[None] & self.real[:, None, :]          # [b, T, S]
+        allowed |= (k_col == q_col)[None]  # padding queries see themselves: no all-masked row
+        return allowed[:, None]
+
+    # --- Retro: encoder once per chunk, CCA from cached keys/values -------------------------
+
+    def _encode_completed(self, x, real, completed) -> None:
+        """Collect first-CCA-layer states of the open chunks; encode the chunks completed in
+        this call and project them into every CCA layer's keys/values (`self._pending`)."""
+        d = x.shape[-1]
+        ends = {(r, c): j for r, j, c in completed}
+        states, blocks, owners = [], [], []
+        for r in range(self.b):
+            run = self._states[r]
+            for c in torch.nonzero(real[r], as_tuple=True)[0].tolist():
+                run.append(x[r, c])
+                if (r, c) in ends:
+                    j = ends[(r, c)]
+                    states.append(torch.stack(run))                        # [m, d]
+                    blocks.append(neighbour_block(self.neighbours[r][j]))
+                    owners.append((r, j))
+                    run = []
+            self._states[r] = run
+        if not owners:
+            return
+        nb = _pad_stack(blocks).to(self.device)                           # [N, k, r]
+        nb_mask = nb >= 0
+        emb = self.model.decoder.get_input_embeddings()(nb.clamp(min=0))  # [N, k, r, d]
+        enc = self.model.encoder(emb, nb_mask, torch.stack(states).view(-1, self.m, d))
+        enc_mask = nb_mask.reshape(len(owners), -1)                       # [N, k·r]
+        kvs = {i: self.model.cca[str(i)].attn.kv(enc) for i in self.cca_ids}  # [N, h, k·r, hd]
+        for n, key in enumerate(owners):
+            self._pending[key] = ({i: (k[n], v[n]) for i, (k, v) in kvs.items()}, enc_mask[n])
+
+    def _promote(self) -> None:
+        """Each row's newest chunk encoded in this call becomes its current CCA chunk."""
+        newest: dict[int, int] = {}
+        for r, j in self._pending:
+            newest[r] = max(j, newest.get(r, -1))
+        for r, j in newest.items():
+            kv, mask = self._pending[(r, j)]
+            width = mask.shape[0]
+            if not self._kv or width > self._kv_mask.shape[1]:
+                self._grow(width, next(iter(kv.values()))[0].dtype)
+            self._kv_mask[r] = False
+            self._kv_mask[r, :width] = mask
+            for i, (k, v) in kv.items():
+                K, V = self._kv[i]
+                K[r], V[r] = 0, 0
+                K[r, :, :width], V[r, :, :width] = k, v
+        self._pending = {}
+
+    def _grow(self, width: int, dtype) -> None:
+        """Widen the per-row key/value slots to `width` keys (extra keys are masked)."""
+        extra = max(0, width - self._kv_mask.shape[1])
+        self._kv_mask = torch.nn.functional.pad(self._kv_mask, (0, extra), value=False)
+        arch = self.model.arch
+        for i in self.cca_ids:
+            empty = torch.zeros((self.b, arch.heads, 0, arch.head_dim), dtype=dtype,
+                                device=self.device)
+            K, V = self._kv.get(i, (empty, empty))
+            self._kv[i] = tuple(torch.nn.functional.pad(t.to(dtype), (0, 0, 0, extra))
+                                for t in (K, V))
+
+    def _cca(self, i: int, x, real, pos) -> torch.Tensor:
+        """CCA output [b, T, d] of layer i: real position p >= m-1 attends to its row's chunk
+        (p+1)//m - 1; padding and positions < m-1 get zeros."""
+        attn = self.model.cca[str(i)].attn
+        b, T, d = x.shape
+        chunk = torch.where(real, (pos + 1) // self.m - 1, -1)           # [b, T]
+        if T == 1:  # one step: every row attends to its current chunk, all rows at once
+            if not self._kv:
+                return torch.zeros_like(x)
+            K, V = self._kv[i]
+            return attn(x, key_mask=self._kv_mask & (chunk >= 0), kv=(K, V))
+        out = torch.zeros_like(x)
+        for r in range(b):  # a block (the prompts): per row, per chunk, its columns
+            cols = torch.nonzero(chunk[r] >= 0, as_tuple=True)[0]
+            for j in torch.unique(chunk[r, cols]).tolist():
+                sel = cols[chunk[r, cols] == j]
+                (k, v), mask = self._chunk_kv(r, j, i)
+                out[r, sel] = attn(x[r:r + 1, sel], key_mask=mask[None],
+                                   kv=(k[None], v[None]))[0]
+        return out
+
+    def _chunk_kv(self, r: int, j: int, i: int):
+        """Layer-i keys/values and key mask of row r's chunk j: encoded in this call, or the
+        row's current chunk from an earlier call."""
+        if (r, j) in self._pending:
+            kv, mask = self._pending[(r, j)]
+            return kv[i], mask
+        K, V = self._kv[i]
+        return (K[r], V[r]), self._kv_mask[r]
