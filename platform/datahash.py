@@ -109,7 +109,7 @@ class DataHasher:
         if listing is None:
             return missing
         kind, root, files = listing
-        if kind == "file" and not item.files:
+        if kind == "file":  # narrowing patterns apply to folders only
             sha, cached, st = self._file(files[0][1])
             return DataDigest(item.location, value, "package" if package else kind, sha, cached,
                               package, files=[st], root=root)
@@ -333,7 +333,7 @@ def changed_files(digest: DataDigest) -> list[str]:
     """What differs now from the stat recorded when `digest` was hashed (empty: nothing)."""
     if digest.sha256 is None:
         return []
-    if digest.kind in ("glob", "folder") or (digest.kind == "package" and digest.patterns):
+    if is_glob(digest.root) or os.path.isdir(digest.root):  # files may appear or go
         listing = list_files(digest.root, digest.patterns)
         now = {real for _, real in listing[2] if real} if listing else set()
         was = {st[0] for st in digest.files}
