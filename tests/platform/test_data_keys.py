@@ -182,6 +182,33 @@ def test_file_changed_while_the_stage_reads_it_fails_and_commits_nothing(tmp_pat
     assert not ArtifactStore(tmp_path / "store").exists(node.stage, node.key)
 
 
+def test_retro_plan_shows_each_data_input_hashed_then_cached(tmp_path):
+    data = tmp_path / "nums.txt"
+    data.write_text("1\n2\n3\n")
+    spec = toy_data_spec(tmp_path, str(data))
+    first = cli("plan", spec, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    row = next(line for line in first.stdout.splitlines() if "recipe.data" in line)
+    assert "14c5e74c" in row and "hashed" in row and "read" in row
+    second = json.loads(cli("plan", spec, "--json", cwd=tmp_path).stdout)
+    by_name = {s["name"]: s for s in second["stages"]}
+    assert by_name["read"]["data"]["recipe.data"]["cached"] is True
+    assert by_name["read"]["data"]["recipe.data"]["sha256"].startswith("14c5e74c")
+    assert by_name["side"]["data"] == {} and by_name["total"]["data"] == {}
+
+
+def test_a_file_appearing_in_a_folder_input_is_a_change(tmp_path):
+    from retro.platform.datahash import changed_files
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.txt").write_text("1")
+    digest = DataHasher(None).digest(DataInput("recipe.data", str(tmp_path / "d"),
+                                               value=str(tmp_path / "d")))
+    assert changed_files(digest) == []
+    (tmp_path / "d" / "y.txt").write_text("2")
+    assert changed_files(digest) == [f"{os.path.realpath(tmp_path / 'd' / 'y.txt')} appeared"]
+
+
 def test_missing_data_is_reported_keyed_by_a_placeholder_and_refused(tmp_path):
     spec = toy_data_spec(tmp_path, str(tmp_path / "absent.txt"))
     plan = plan_of(spec)
