@@ -23,6 +23,9 @@ class InstructParams(StageParams):
     """The instruct node: blend and SFT hyper-parameters."""
     retriever: Optional[Node("retriever")] = None
     """With `instruct.retrieval: true`: the retriever that searches the DB."""
+    exclude_questions: list[dict[str, Any]] = []
+    """QA evaluation sets ({data_dir, datasets, limit, answer_in_corpus}) whose questions the
+    blend must not train on (`instruct.holdout`)."""
 
 
 def _precision_estimate(params: Any) -> dict[str, str]:
@@ -66,6 +69,12 @@ def instruct(ctx: StageContext[InstructParams]) -> dict:
     retriever = _retriever(ctx) if retrieval else None           # missing inputs fail here
     seq_length = cfg.seq_length or _context_length(retro_cfg)
     loaded = [load_source(node) for node in cfg.blend]          # every data error, up front
+    from retro.components.instruct.holdout import drop_eval_questions, eval_questions
+
+    loaded, excluded = drop_eval_questions(cfg.blend, loaded,
+                                           eval_questions(ctx.params.exclude_questions))
+    if excluded:
+        ctx.log.info("blend: %d records ask a QA evaluation question and are left out", excluded)
     sched = cfg.schedule()
     parts = realize(cfg.blend, loaded, sched.steps * sched.global_batch, cfg.eval_samples,
                     ctx.seed)
@@ -89,13 +98,15 @@ def instruct(ctx: StageContext[InstructParams]) -> dict:
                     loss_mask=str(data / "eval_mask.npy"), pad_id=eod,
                     neighbours=neighbours["eval"]) if stats["eval"]["rows"] else None
     meta = {"stage": "instruct", "schedule": sched.__dict__, "seed": ctx.seed,
-            "seq_length": seq_length, "blend": blend, "rows": stats, "retrieval": retrieval}
+            "seq_length": seq_length, "blend": blend, "rows": stats, "retrieval": retrieval,
+            "excluded_eval_questions": excluded}
     model = functools.partial(load_trained, str(init), retrieval=retrieval)
     out = functools.partial(export, tokenizer_dir=str(ctx.inputs["tokenizer"].path), meta=meta,
                             gate=float(retro_cfg.get("gate", 1.0)))
     ctx.summary["blend"] = blend
     summary = _run(ctx, "instruct", model, train, valid, sched, cfg, {}, export=out)
     return {**summary, "blend_samples": stats["train"]["rows"],
+            "excluded_eval_questions": excluded,
             "truncated": stats["train"]["truncated"], "loss_tokens": stats["train"]["loss_tokens"]}
 
 

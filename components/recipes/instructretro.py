@@ -157,6 +157,7 @@ class InstructRetroRecipe(BaseRecipe):
     def _instruct(self, spec: Any, db: list[StageCall], models: dict[str, StageCall | None]
                   ) -> dict[str, StageCall | None]:
         """SFT of each arm; with `instruct.retrieval` the Retro arm also searches the DB."""
+        from retro.components.instruct.holdout import qa_eval_sets
         from retro.components.retrieval.recipe import retriever_inputs
 
         out: dict[str, StageCall | None] = {}
@@ -169,7 +170,9 @@ class InstructRetroRecipe(BaseRecipe):
             if spec.instruct.retrieval and arm == "retro":
                 reads["retriever"] = "retriever"
                 inputs.update(retriever_inputs(db))
-            out[arm] = StageCall(f"instruct-{arm}", "instruct", reads=reads, inputs=inputs)
+            # RA-DIT's rule: no SFT record asks a question the QA evaluation asks
+            out[arm] = StageCall(f"instruct-{arm}", "instruct", reads=reads, inputs=inputs,
+                                 consts={"exclude_questions": qa_eval_sets(spec)})
         return out
 
     def _evals(self, spec: Any, db: list[StageCall], fits: dict[str, StageCall],

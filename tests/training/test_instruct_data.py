@@ -190,3 +190,40 @@ def test_data_errors_name_file_line_and_field(tmp_path):
     tsv.write_text("q\ta\n")
     with pytest.raises(InputDataError, match="cot.tsv:1: flan-cot rows have 3"):
         load_source(source("flan-cot", tsv))
+
+
+# ---------------------------------------------------------------------- QA test questions
+def test_blend_records_asking_qa_eval_questions_are_dropped_and_counted(shared_data):
+    """RA-DIT removes the evaluation questions from its fine-tuning data (REFERENCE §6); the
+    instructretro recipe does the same (issue 13 defect 13). A blend holding NQ-open test
+    questions loses exactly those the spec's qa evaluator asks (its first `limit`)."""
+    import retro.components.radit.data  # noqa: F401  (registers the qa-pairs format)
+    from retro.components.evaluators.qa_data import load_questions
+    from retro.components.instruct.holdout import drop_eval_questions, eval_questions
+
+    nq = shared_data / "nq_open" / "nq_open_test.jsonl.gz"
+    nodes = [source("qa-pairs", nq, max_records=30),
+             source("alpaca", shared_data / "alpaca_5000" / "alpaca_5000.json.gz")]
+    loaded = [load_source(n) for n in nodes]
+    sets = [{"data_dir": str(shared_data), "datasets": ["nq_open"], "limit": 12,
+             "answer_in_corpus": False}]
+    kept, dropped = drop_eval_questions(nodes, loaded, eval_questions(sets))
+    asked = {e.question for e in load_questions(shared_data, "nq_open", 12)}
+    assert dropped == 12
+    assert len(kept[0].conversations) == 30 - 12
+    assert not {c.query for c in kept[0].conversations} & asked
+    assert len(kept[1].conversations) == len(loaded[1].conversations)   # alpaca untouched
+
+
+def test_instructretro_recipe_passes_the_qa_questions_to_sft():
+    from pathlib import Path
+
+    from retro.platform.api import validate
+
+    _, plan = validate(Path(__file__).resolve().parents[2] / "specs/instructretro-48b.yaml")
+    sft = [s for s in plan.stages if s.stage == "instruct"]
+    assert len(sft) == 2                                       # instruct-retro, instruct-gpt
+    for s in sft:
+        (sets,) = s.params["exclude_questions"]
+        assert sets["datasets"] == ["nq_open", "triviaqa_open", "squad_v2", "webquestions"]
+        assert sets["limit"] == 3000
