@@ -33,7 +33,8 @@ from retro.components.evaluators.prompts import PromptFormat
 from retro.components.evaluators.qa_data import FILES, DatasetName, load_questions
 from retro.components.evaluators.ablation import EvalParams, ablation_call, evaluator_settings
 from retro.components.evaluators.results import declare_qa
-from retro.components.precision import Precision, autocast, stage_precision
+from retro.components.precision import Precision, autocast, report_shard_precision, \
+    stage_precision
 from retro.platform.registry import StrictModel, register
 from retro.platform.spec.node import NodeFields
 from retro.platform.spec.types import DataPath
@@ -229,6 +230,7 @@ def qa_retrieve(ctx: StageContext[QaRetrieveParams]) -> dict[str, Any]:
         summary[f"{name}/n"] = len(examples)
         ctx.log.info("%s: %d questions retrieved in %.1fs; recall %s", name, len(examples),
                      time.time() - t0, {k: round(summary[f'{name}/recall@{k}'], 1) for k in ks})
+    report_shard_precision(ctx, [retriever.searcher.precision_report()])   # dense: the encoder
     return summary
 
 

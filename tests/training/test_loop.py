@@ -87,7 +87,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(wiki, tmp_path):
     summary = train(crashed, LocalRuntime(tmp_path / "b-ckpt"))
 
     assert summary["resumed_from"] == 4
-    rows = rows_of(crashed.metrics_file)
+    rows = [r for r in rows_of(crashed.metrics_file) if r["kind"] != "precision"]
     kinds = [(r["kind"], r["step"]) for r in rows]
     assert kinds[:6] == [("train", 1), ("train", 2), ("train", 3), ("train", 4),
                          ("resume", 4), ("train", 5)]
@@ -103,9 +103,10 @@ def test_micro_batch_size_does_not_change_the_result(wiki, tmp_path):
     train_rows, _ = wiki
     losses = []
     for mb in (1, 8):
-        j = job(tmp_path / f"mb{mb}", train_rows, steps=3, micro_batch=mb)
+        # fp32: bf16 rounding depends on how rows are batched (docs/training.md)
+        j = job(tmp_path / f"mb{mb}", train_rows, steps=3, micro_batch=mb, precision="fp32")
         train(j, LocalRuntime(tmp_path / f"ck{mb}"))
-        losses.append([r["loss"] for r in rows_of(j.metrics_file)])
+        losses.append([r["loss"] for r in rows_of(j.metrics_file) if r["kind"] == "train"])
     np.testing.assert_allclose(losses[0], losses[1], rtol=0, atol=2e-5)
 
 
