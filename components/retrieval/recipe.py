@@ -32,8 +32,10 @@ def db_stage_calls(spec: Any, seq_length: str = "recipe.seq_length",
         stop before training when recall is too low) as inputs.
     """
     trains = getattr(registry.get("tokenizer", spec.tokenizer.type).obj, "needs_corpus", False)
+    # a trained tokenizer learns from the train split only (the split chunk-db applies)
     tokenizer = StageCall("tokenizer", "tokenizer", reads={
-        "tokenizer": "tokenizer", **({"corpus": "corpus"} if trains else {})})
+        "tokenizer": "tokenizer",
+        **({"corpus": "corpus", "split": "retriever.split"} if trains else {})})
     tokenize = StageCall("tokenize", "tokenize", reads={"corpus": "corpus"},
                          inputs={"tokenizer": tokenizer})
     chunk_db = StageCall("chunk-db", "chunk-db", reads={"chunk_length": "retriever.chunk_length",

@@ -51,3 +51,32 @@ def test_train_bpe_is_byte_level_and_round_trips(tmp_path):
     assert tok.decode(tok(text)["input_ids"]) == text
     _, tok2, _ = _run(tmp_path, "bpe2", {"type": "train-bpe", "vocab_size": 300}, corpus)
     assert tok2.get_vocab() == tok.get_vocab()  # deterministic for the same corpus
+
+
+def test_train_bpe_learns_from_train_split_documents_only(tmp_path):
+    """The tokenizer never sees validation / held-out text (issue 13 defect 12): trained with
+    `retriever.split` it equals the tokenizer trained on the train documents alone, and a word
+    only the validation documents use gets no merged token."""
+    import numpy as np
+
+    from retro.components.retrieval.chunking import SplitConfig, assign_splits
+
+    split = {"valid": 0.25, "heldout": 0.1, "seed": 3}
+    codes = assign_splits(20, SplitConfig.model_validate(split))
+    assert (codes == 0).sum() == 13
+    texts = [("quixotically zymurgy " * 30 if c else "") + f"The element number {i} is rare."
+             for i, c in enumerate(codes)]
+    rows = [{"doc_id": str(i), "text": t} for i, t in enumerate(texts)]
+    corpus = {"type": "jsonl", "paths": [str(write_jsonl(tmp_path / "all.jsonl", rows))]}
+    train_only = {"type": "jsonl", "paths": [str(write_jsonl(
+        tmp_path / "train.jsonl", [r for r, c in zip(rows, codes) if c == 0]))]}
+    node = {"type": "train-bpe", "vocab_size": 320}
+    ctx = stage_ctx(tmp_path, "split", {"tokenizer": node, "corpus": corpus, "split": split}, {})
+    tokenizer_stage(ctx)
+    with_split = load_tokenizer(ctx.out_dir)
+    _, alone, _ = _run(tmp_path, "alone", node, train_only)
+    _, everything, _ = _run(tmp_path, "all", node, corpus)
+    assert with_split.get_vocab() == alone.get_vocab()
+    assert len(with_split(" zymurgy")["input_ids"]) > 3
+    assert len(everything(" zymurgy")["input_ids"]) <= 2     # what leaking valid text does
+    assert np.any(codes == 2)                                 # held-out docs were dropped too
