@@ -350,3 +350,30 @@ def test_planning_the_tiny_spec_twice_reads_no_data_file(shared_data, monkeypatc
     assert [s.key for s in second.stages] == [s.key for s in first.stages]
     assert not [f for f in opened if any(f.startswith(r) for r in roots)]
     assert all(d.cached for s in second.stages for d in s.data.values())
+
+
+def commit_as_run(plan, store: ArtifactStore) -> None:
+    """Commit an empty artifact per planned stage with the manifest fields a run records
+    (execute.py): name, version, params, inputs, data digests."""
+    for s in plan.stages:
+        tmp = store.new_tmp(s.stage, s.key)
+        store.commit(tmp, s.stage, s.key, {
+            "name": s.name, "version": s.version, "params": s.params,
+            "inputs": {slot: {"stage": plan.by_id(i).stage, "key": plan.by_id(i).key}
+                       for slot, i in s.inputs.items()},
+            "data": {loc: d.record() for loc, d in s.data.items()}})
+
+
+def test_explain_names_a_changed_lr_and_a_changed_corpus_of_the_tiny_spec(tiny_copy):
+    ovr = overrides(tiny_copy)
+    store = ArtifactStore(tiny_copy.parent / "store")
+    commit_as_run(plan_of(TINY, ovr), store)
+    assert explain(plan_of(TINY, ovr, store.root), store, "retro-fit")[0]["cached"]
+    [item] = explain(plan_of(TINY, ovr + ["pretrain.fit.lr=0.002"], store.root), store,
+                     "retro-fit")
+    assert item["changes"] == ["params.pretrain.fit.lr: 0.0005 -> 0.002"]  # spec: 5.0e-4
+    rewrite_gz_head(tiny_copy / "corpus.jsonl.gz", 100)
+    [item] = explain(plan_of(TINY, ovr, store.root), store, "tokenize")
+    [change] = [c for c in item["changes"] if c.startswith("data ")]
+    assert change.startswith("data corpus.paths.0: sha256 ") and change.count("..") == 2
+    assert [u["id"].split("@")[0] for u in item["upstream"]] == ["tokenizer"]  # reads it too
