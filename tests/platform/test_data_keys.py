@@ -219,6 +219,18 @@ def test_missing_data_is_reported_keyed_by_a_placeholder_and_refused(tmp_path):
         api.run(spec)
 
 
+def test_validate_reads_the_hash_cache_but_writes_nothing(tmp_path):
+    data = tmp_path / "nums.txt"
+    data.write_text("1\n")
+    spec = toy_data_spec(tmp_path, str(data))
+    api.validate(spec)
+    assert not (tmp_path / "store").exists()
+    api.plan(spec)  # `retro plan` writes the cache; validate then hits it
+    assert (tmp_path / "store" / ".cache" / "data-hashes.json").is_file()
+    _, plan = api.validate(spec)
+    assert plan.stages[0].data["recipe.data"].cached
+
+
 def test_two_planners_saving_the_hash_cache_keep_both_entries(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).write_text(name)
