@@ -40,6 +40,11 @@ MODULES = [
     "retro.components.radit.data",
     "retro.components.radit.stages",
     "retro.components.radit.recipe",
+    "retro.components.knnlm.config",
+    "retro.components.knnlm.datastore",
+    "retro.components.knnlm.eval_knn",
+    "retro.components.knnlm.ralm",
+    "retro.components.knnlm.recipe",
 ]
 
 
