@@ -155,25 +155,28 @@ def answer_replug(lm: Any, cfg: Any, row: dict[str, Any]) -> dict[str, Any]:
     """
     from retro.components.evaluators.metrics import answer_in_text, qa_scores
     from retro.components.evaluators.prompts import STOP_SEQUENCES, clean_answer
+    from retro.components.evaluators.qa import passage_id
 
     if lm.is_retro and cfg.encoder:
         raise UserError("qa.replug decodes with the decoder alone: set `encoder: false` for a "
                         "Retro model")
-    passages = row["passages"][:cfg.passages]
+    # a reading-comprehension row answers from its own paragraph alone (prior 1)
+    passages = [row["context"]] if row.get("context") else row["passages"][:cfg.passages]
     if not passages:
         raise UserError(f"qa.replug: question {row['id']} has no retrieved passage; REPLUG "
                         "needs `passages` >= 1 and a qa-retrieve input")
     texts = [p["text"] for p in passages]
     prompts = [passage_prompt(cfg.prompt, row["question"], t, lm.tokenizer,
                               cfg.max_prompt_tokens, cfg.max_new_tokens) for t in texts]
-    prior = retriever_weights([p["score"] for p in passages], cfg.replug_temperature)
+    prior = np.ones(1) if row.get("context") else retriever_weights(
+        [p["score"] for p in passages], cfg.replug_temperature)
     stops = STOP_SEQUENCES + (["\n"] if cfg.stop_at_newline else [])
     gen = replug_generate(lm.model.decoder, lm.tokenizer, prompts, prior, cfg.max_new_tokens,
                           stops)
     prediction = clean_answer(gen.text)
     return {"id": row["id"], "question": row["question"], "answers": row["answers"],
             "prediction": prediction, "raw": gen.text, **qa_scores(prediction, row["answers"]),
-            "passage_ids": [p.get("chunk_id") for p in passages],
+            "passage_ids": [passage_id(p) for p in passages], "encoder_passage_ids": [],
             "answer_in_prompt": any(answer_in_text(t, row["answers"]) for t in texts),
             "prompt_tokens": max(len(p) for p in prompts),
             "prior": [round(w, 4) for w in gen.prior],

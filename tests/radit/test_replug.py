@@ -76,3 +76,22 @@ def test_identical_passages_give_the_single_passage_answer(lm):
     two = replug_generate(lm.model.decoder, lm.tokenizer, [prompt, prompt],
                           np.array([0.4, 0.6]), 6)
     assert one.ids == two.ids and two.logprob == pytest.approx(one.logprob, abs=1e-9)
+
+
+def test_reading_comprehension_row_answers_from_its_own_paragraph(lm, shared_data):
+    """SQuAD under REPLUG: the dataset's paragraph is the one background (prior 1), not the
+    retrieved passages (InstructRetro §5.1, REFERENCE §5.1)."""
+    from retro.components.evaluators.qa import settings
+    from retro.components.radit.replug import answer_replug
+    from retro.platform import stage as stage_module
+
+    params = {"evaluator": {"type": "qa", "data_dir": str(shared_data), "replug": True,
+                            "passages": 2, "max_new_tokens": 3}}
+    if hasattr(stage_module, "typed_params"):
+        params = stage_module.typed_params("eval-qa", params)
+    gold = {"paragraph_id": "p7", "title": "Physics", "text": PASSAGES[0]}
+    row = {"id": "q", "question": QUESTION, "answers": ["Röntgen"], "context": gold,
+           "passages": [{"chunk_id": 5, "text": PASSAGES[1], "score": 1.0}]}
+    rec = answer_replug(lm, settings(params), row)
+    assert rec["passage_ids"] == ["p7"] and rec["encoder_passage_ids"] == []
+    assert rec["prior"] == [1.0] and rec["answer_in_prompt"]
