@@ -56,7 +56,9 @@ class QAEvaluator:
 
     class Config(StrictModel):
         datasets: list[DatasetName] = ["nq_open"]
-        """Datasets under `data_dir`: nq_open, triviaqa_open, squad_v2 (answerable questions),
+        """Datasets under `data_dir`: nq_open, triviaqa_open, squad_v2 (answerable questions,
+        reading comprehension: each answered from its own paragraph, InstructRetro Table 1's
+        setting), squad_v2_open (the same questions answered from retrieved passages),
         webquestions, nq_open_oracle (NQ-open test questions with a gold passage)."""
         data_dir: DataPath
         """Folder holding the dataset folders (e.g. `${env:RETRO_DATA,../shared/data}`)."""
