@@ -1,0 +1,64 @@
+"""The `families` recipe plans each shared stage once: a lambda / k sweep reuses the kNN-LM
+datastore and index; the key type does not."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import yaml
+
+from retro.platform.plan import build_plan
+from retro.platform.spec import load_spec
+from tests.conftest import SHARED_DATA
+
+
+def _spec(tmp, sweep):
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"document {i} text"}) + "\n"
+                              for i in range(20)))
+    lm = tmp / "lm"
+    lm.mkdir(exist_ok=True)
+    (lm / "config.json").write_text("{}")
+    spec = {"name": "families-plan", "recipe": {"type": "families", "seq_length": 32},
+            "model": {"type": "hf-causal-lm", "init": str(lm)},
+            "corpus": {"type": "jsonl", "paths": [str(corpus)]},
+            "tokenizer": {"type": "gpt2-files", "path": str(SHARED_DATA / "tokenizer_gpt2")},
+            "retriever": {"type": "bm25", "chunk_length": 16,
+                          "split": {"valid": 0.2, "heldout": 0.0}},
+            "eval": [{"type": "ppl", "max_sequences": 8},
+                     {"type": "knn-lm", "max_sequences": 8, "k": 16},
+                     {"type": "in-context-ralm", "max_sequences": 8, "stride": 4}],
+            "sweep": sweep, "tracking": "none",
+            "store": {"path": str(tmp / "store"), "runs": str(tmp / "runs")}}
+    path = tmp / "families-plan.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _count(plan):
+    return Counter(s.stage for s in plan.stages)
+
+
+def test_lambda_and_k_sweep_plan_the_datastore_and_index_once(tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    plan = build_plan(load_spec(_spec(tmp_path, {"grid": {"eval.1.lmbda": [0.1, 0.25, 0.5],
+                                                          "eval.1.k": [8, 16]}})))
+    n = _count(plan)
+    assert n["eval-knnlm"] == 6
+    assert n["knn-datastore"] == 1 and n["fill-index"] == 1 and n["train-index"] == 1
+    assert n["eval-ppl"] == 1 and n["eval-ralm"] == 1 and n["sequences"] == 2
+    store = next(s for s in plan.stages if s.stage == "knn-datastore")
+    assert len(store.variants) == 6 and "lmbda" not in store.params and "k" not in store.params
+
+
+def test_the_key_type_is_a_new_datastore(tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    plan = build_plan(load_spec(_spec(tmp_path, {"grid": {"eval.1.key": ["ffn_input",
+                                                                         "final"]}})))
+    n = _count(plan)
+    assert n["knn-datastore"] == 2 and n["eval-knnlm"] == 2
+    assert n["eval-ppl"] == 1 and n["eval-ralm"] == 1      # untouched by the kNN-LM sweep
