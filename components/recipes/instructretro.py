@@ -42,7 +42,12 @@ class InstructRetroRecipe(BaseRecipe):
         saved (Megatron: 2 of 20); None: all saved."""
 
     def estimate(self, spec: Any, name: str, params: Any) -> dict[str, Any]:
-        return estimate_training(spec, name, params)
+        from retro.components.recipes.memory import memory_info
+
+        k = spec.recipe.train_neighbours or (spec.retriever.neighbours.k
+                                             if spec.retriever is not None else None)
+        return {**estimate_training(spec, name, params),
+                **memory_info(spec, name, _vocab_size(spec), k)}
 
     def resolve(self, spec: Any) -> Any:
         """Write out what the stages would otherwise derive: the neighbours Retro trains and is

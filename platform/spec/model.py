@@ -7,7 +7,7 @@ The platform owns the sections and the execution settings (`resources`, `store`,
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -37,6 +37,23 @@ class ResourceRequest(StrictModel):
     fsdp: bool = False
     """Training stages: shard parameters, gradients and optimizer state across workers
     (FSDP2) instead of replicating them (DDP); for models that do not fit one device."""
+    activation_checkpointing: Union[bool, int] = False
+    """Training stages: recompute each decoder block's activations in backward instead of
+    keeping them (true: every block; N: every N-th block). `retro plan` counts it in the
+    per-device memory."""
+    device: Optional[Literal["a100-40g", "a100-80g", "h100-80g", "h200-141g", "l40s-48g",
+                             "a10g-24g"]] = None
+    """Accelerator each worker gets, for `retro plan`'s memory check (its memory in GiB)."""
+    gpu_memory_gb: Optional[float] = Field(None, gt=0)
+    """Device memory per worker in GiB for `retro plan`'s check; wins over `device`."""
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _every_n(cls, value: Any) -> Any:
+        if not isinstance(value, bool) and value < 1:
+            raise ValueError("activation_checkpointing: true, false, or N >= 1 (every N-th "
+                             "block)")
+        return value
 
 
 class Resources(StrictModel):

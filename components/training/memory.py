@@ -1,0 +1,323 @@
+"""Per-device training memory before launch: parameters, gradients, optimizer state,
+activations and FSDP buffers, from the meta-device model and the stage's resources.
+
+Pure arithmetic over a `ModelShape` (read off the model built on the meta device, so nothing is
+allocated) and a `Workload` (sequence length, micro-batch, precision, workers, sharding,
+activation checkpointing). `retro plan` shows the result per training stage and marks the
+stages that will not fit their declared device memory, with the fix.
+
+State (per parameter; AdamW with fp32 master weights, as the loop trains):
+    fp32 weights 4 B, fp32 gradients 4 B (trainable only), AdamW's two fp32 moments 8 B
+    (trainable only). FSDP divides all three by the workers; DDP replicates them and adds
+    its fp32 gradient buckets (4 B per trainable parameter).
+
+FSDP buffers (FSDP2, one unit unsharded at a time, the next prefetched): 2 x the largest
+unit in the gather dtype, plus that unit's unsharded fp32 gradients before the
+reduce-scatter; the root unit (embeddings, head, and whatever `fully_shard` units leave
+over) stays gathered through forward and backward and holds unsharded fp32 gradients at the
+end of backward.
+
+Activations per layer follow Korthikanti et al. 2022, "Reducing Activation Recomputation in
+Large Transformer Models" (arXiv:2205.05198), §4.1: the tensors each op saves for backward,
+counted per element at the compute width `e` bytes (their `34·s·b·h + 5·a·s²·b` is the
+e = 2, GELU 4h-MLP, dropout-everywhere case), generalised to a SwiGLU MLP of any width, to
+grouped-query K/V and to SDPA / flash attention (no s² score matrix saved; its output is).
+Retro's encoder and chunked cross-attention are counted the same way over their own token
+counts: the encoder runs on b·(s/m)·k·r neighbour tokens, and each CCA layer's keys/values
+are that many. Full activation checkpointing keeps only each block's input (their §4.2
+"full recomputation": 2·s·b·h at e = 2) plus one block recomputed during backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
+
+GiB = 2**30
+
+DEVICES_GB = {"a100-40g": 40.0, "a100-80g": 80.0, "h100-80g": 80.0, "h200-141g": 141.0,
+              "l40s-48g": 48.0, "a10g-24g": 24.0}
+"""Device name -> memory in GiB (an "80 GB" H100 has 79.6 GiB; the names round), for
+`resources.*.device`."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on, read off the (meta-device) model."""
+
+    params: int
+    trainable: int
+    root_params: int          # not inside any FSDP unit: gathered for the whole step
+    root_trainable: int
+    largest_unit: int         # params of the largest FSDP unit
+    n_layers: int
+    d: int
+    heads: int
+    kv_dim: int               # width of K (and V) projections (heads x head_dim, or GQA's)
+    ffn: int
+    gated: bool               # SwiGLU (llama family) vs GELU (gpt2)
+    vocab: int
+    dropout: bool             # dropout masks are saved (1 byte per element)
+    cca_layers: int = 0
+    encoder_layers: int = 0
+    chunk_length: int = 64
+    norm_saves: int = 1       # tensors a norm saves besides its output: LayerNorm's fused
+                              # kernel its input (1); transformers' RMSNorm input and the
+                              # normalised tensor before the weight (2)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One training stage's execution: per worker."""
+
+    seq: int
+    micro_batch: int
+    compute_bytes: int = 2     # 2: bf16 compute (and gathers), 4: fp32
+    workers: int = 1
+    fsdp: bool = False
+    checkpoint_every: int = 0  # activation checkpointing: 0 off, 1 every block, N every N-th
+    neighbours: int = 0        # k per chunk fed to the encoder (0: no retrieval)
+    retrieved: int = 0         # r: tokens per neighbour (neighbour + continuation, 2m)
+    flash: bool = True         # SDPA saves no s x s score matrix
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: float
+    grads: float
+    optimizer: float
+    buffers: float            # FSDP gathers / DDP buckets
+    activations: float
+    activations_no_ckpt: float
+    activations_full_ckpt: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.buffers + self.activations
+
+    def as_gib(self) -> dict[str, float]:
+        return {k: v / GiB for k, v in asdict(self).items()} | {"total": self.total / GiB}
+
+
+# ------------------------------------------------------------------------------ activations
+def _attention(e: int, tq: float, tk: float, h: int, kv: int, heads: int, norm: int,
+               k_len: int, drop: bool, flash: bool, cross: bool) -> float:
+    """Saved bytes of one pre-norm attention sub-block (norm, QKV, SDPA, out-proj, dropout)
+    with `tq` query tokens and `tk` key tokens in all; each query sees `k_len` keys."""
+    saved = e * tq * h * (norm + 1)           # norm's saved tensors, projection input
+    saved += e * tq * h + e * tk * 2 * kv     # Q, K, V
+    saved += e * tq * h                       # o_proj input
+    if flash:                                 # flash / memory-efficient SDPA saves its output
+        saved += e * tq * h
+    else:                                     # softmax output, its dropout mask and output
+        saved += (e + (1 + e if drop else 0)) * heads * tq * k_len
+    if drop:
+        saved += tq * h                       # residual dropout mask
+    if cross:
+        saved += e * tq * h                   # the sliced / padded query copy
+    return saved
+
+
+def _mlp(e: int, t: float, h: int, ffn: int, gated: bool, drop: bool, norm: int) -> float:
+    saved = e * t * h * (norm + 1)            # norm's saved tensors, up/gate input
+    saved += e * t * ffn * (4 if gated else 2)  # SwiGLU: gate, silu, up, product; GELU: in, out
+    return saved + (t * h if drop else 0)
+
+
+def layer_activations(m: ModelShape, w: Workload, with_cca: bool) -> float:
+    """Saved bytes of one decoder layer (its CCA included when it has one)."""
+    e, t, h = w.compute_bytes, w.micro_batch * w.seq, m.d
+    out = _attention(e, t, t, h, m.kv_dim, m.heads, m.norm_saves, w.seq, m.dropout, w.flash,
+                     False)
+    out += _mlp(e, t, h, m.ffn, m.gated, m.dropout, m.norm_saves)
+    if with_cca and w.neighbours:
+        t_enc = _encoder_tokens(m, w)
+        out += _attention(e, t, t_enc, h, m.kv_dim, m.heads, m.norm_saves,
+                          w.neighbours * w.retrieved, m.dropout, w.flash, True)
+    return out
+
+
+def _encoder_tokens(m: ModelShape, w: Workload) -> float:
+    return w.micro_batch * (w.seq // m.chunk_length) * w.neighbours * w.retrieved
+
+
+def encoder_activations(m: ModelShape, w: Workload) -> float:
+    """The Retro encoder: embeddings of b·l·k·r neighbour tokens through its layers (self-
+    attention within each neighbour, the first layer also cross-attends the chunk's m
+    decoder states), then its final norm."""
+    if not (w.neighbours and m.encoder_layers and m.cca_layers):
+        return 0.0
+    e, h, r = w.compute_bytes, m.d, w.retrieved
+    t_enc, t = _encoder_tokens(m, w), w.micro_batch * w.seq
+    out = e * t_enc * h * 2                   # neighbour embeddings, final norm input
+    for i in range(m.encoder_layers):
+        out += _attention(e, t_enc, t_enc, h, m.kv_dim, m.heads, m.norm_saves, r, m.dropout,
+                          w.flash, False)
+        if i == 0:
+            out += _attention(e, t_enc, t, h, m.kv_dim, m.heads, m.norm_saves,
+                              m.chunk_length, m.dropout, w.flash, False)
+        out += _mlp(e, t_enc, h, m.ffn, m.gated, m.dropout, m.norm_saves)
+    return out
+
+
+def head_activations(m: ModelShape, w: Workload) -> float:
+    """Embeddings output, final norm, logits, their fp32 upcast for the loss, the saved
+    log-softmax, and the logits' gradient (live at the start of backward)."""
+    e, t = w.compute_bytes, w.micro_batch * w.seq
+    upcast = 4 if e != 4 else 0               # `logits.float()` is a copy only below fp32
+    return e * t * m.d * (2 + m.norm_saves) + t * m.vocab * (e + upcast + 4 + 4)
+
+
+def activations(m: ModelShape, w: Workload) -> float:
+    """Peak saved activations of one micro-batch (forward's end / backward's start)."""
+    cca = _cca_positions(m)
+    layers = [layer_activations(m, w, i in cca) for i in range(1, m.n_layers + 1)]
+    if w.checkpoint_every:
+        block_input = w.compute_bytes * w.micro_batch * w.seq * m.d
+        ckpt = {i for i in range(1, m.n_layers + 1) if (i - 1) % w.checkpoint_every == 0}
+        stored = sum(block_input if i in ckpt else a for i, a in enumerate(layers, start=1))
+        stored += max(layers)                 # one block recomputed in backward
+    else:
+        stored = sum(layers)
+    return stored + encoder_activations(m, w) + head_activations(m, w)
+
+
+def _cca_positions(m: ModelShape) -> set[int]:
+    """Layers with CCA: for the activation count only how many matters; spread them evenly."""
+    if not m.cca_layers:
+        return set()
+    step = m.n_layers / m.cca_layers
+    return {m.n_layers - int(i * step) for i in range(m.cca_layers)}
+
+
+# ------------------------------------------------------------------------------ state
+def estimate_memory(m: ModelShape, w: Workload) -> MemoryEstimate:
+    """Per-device bytes of one worker of a training stage."""
+    shard = w.workers if (w.fsdp and w.workers > 1) else 1
+    params = 4.0 * m.params / shard
+    grads = 4.0 * m.trainable / shard
+    optimizer = 8.0 * m.trainable / shard
+    if shard > 1:
+        gather = w.compute_bytes
+        buffers = (2 * gather * m.largest_unit + 4 * m.largest_unit
+                   + gather * m.root_params + 4 * m.root_trainable)
+    elif w.workers > 1:
+        buffers = 4.0 * m.trainable           # DDP's gradient buckets
+    else:
+        buffers = 0.0
+    return MemoryEstimate(params, grads, optimizer, buffers, activations(m, w),
+                          activations(m, replace(w, checkpoint_every=0)),
+                          activations(m, replace(w, checkpoint_every=1)))
+
+
+def fix_hint(m: ModelShape, w: Workload, device_bytes: float) -> str:
+    """The cheapest change that makes the stage fit, tried in order: activation
+    checkpointing, a smaller micro-batch, FSDP, more workers."""
+    def fits(x: Workload) -> bool:
+        return estimate_memory(m, x).total <= device_bytes
+
+    fixes = []
+    if not w.checkpoint_every and fits(replace(w, checkpoint_every=1)):
+        fixes.append("turn on activation checkpointing (activation_checkpointing: true)")
+    if w.micro_batch > 1:
+        for mb in range(w.micro_batch - 1, 0, -1):
+            if fits(replace(w, micro_batch=mb)):
+                fixes.append(f"micro_batch {mb}")
+                break
+    if not w.fsdp and w.workers > 1 and fits(replace(w, fsdp=True)):
+        fixes.append("fsdp: true")
+    for workers in (2 * w.workers, 4 * w.workers, 8 * w.workers, 16 * w.workers):
+        x = replace(w, workers=workers, fsdp=True, checkpoint_every=w.checkpoint_every or 1)
+        if fits(x):
+            fixes.append(f"{workers} workers with fsdp and activation checkpointing")
+            break
+    return " or ".join(fixes[:2]) if fixes else "no change of workers, checkpointing or " \
+        "micro-batch fits it: use a device with more memory"
+
+
+# ------------------------------------------------------------------------------ from a model
+def model_shape(model: Any, units: Optional[list] = None) -> ModelShape:
+    """`ModelShape` of a built (meta-device) RetroForCausalLM.
+
+    Args:
+        units: the FSDP units the loop shards (default: `loop._shard_units(model)`); the root
+            holds every parameter outside them.
+    """
+    if units is None:
+        from retro.components.training.loop import _shard_units
+
+        units = _shard_units(model)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    in_units = {id(p) for u in units for p in u.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_units]
+    arch = model.arch
+    cfg = model.config
+    dec = model.decoder.config
+    kv_heads = getattr(dec, "num_key_value_heads", None) or arch.heads
+    kv = arch.head_dim * kv_heads
+    dropout = any(float(getattr(dec, name, 0.0) or 0.0) > 0 for name in
+                  ("attention_dropout", "resid_pdrop", "attn_pdrop")) \
+        or float(getattr(cfg, "retro_dropout", 0.0) or 0.0) > 0
+    return ModelShape(
+        params=total, trainable=trainable, root_params=sum(p.numel() for p in root),
+        root_trainable=sum(p.numel() for p in root if p.requires_grad),
+        largest_unit=max((sum(p.numel() for p in u.parameters()) for u in units), default=0),
+        n_layers=model.n_layers, d=arch.d, heads=arch.heads, kv_dim=kv, ffn=arch.ffn,
+        gated=arch.family != "gpt2", vocab=dec.vocab_size, dropout=dropout,
+        norm_saves=1 if arch.family == "gpt2" else 2,
+        cca_layers=len(model.cca),
+        encoder_layers=len(model.encoder.layers) if model.encoder is not None else 0,
+        chunk_length=cfg.chunk_length)
+
+
+def checkpoint_every(setting: Any) -> int:
+    """`activation_checkpointing` (bool or N) -> 0 (off), 1 (every block) or N."""
+    if setting is True:
+        return 1
+    if setting is False or setting is None:
+        return 0
+    return int(setting)
+
+
+def device_bytes(resources: Any) -> Optional[float]:
+    """The declared device memory in bytes (`gpu_memory_gb` wins over `device`), or None."""
+    gb = getattr(resources, "gpu_memory_gb", None)
+    if gb is None and getattr(resources, "device", None):
+        gb = DEVICES_GB[resources.device]
+    return None if gb is None else gb * GiB
+
+
+def fmt_gib(x: float) -> str:
+    return f"{x / GiB:.1f}" if x >= 0.1 * GiB else f"{x / GiB:.3f}"
+
+
+def plan_rows(m: ModelShape, w: Workload, resources: Any) -> dict[str, str]:
+    """`retro plan` info: the per-device breakdown, and whether it fits the declared device."""
+    est = estimate_memory(m, w)
+    ckpt = {0: "off", 1: "every block"}.get(w.checkpoint_every,
+                                            f"every {w.checkpoint_every} blocks")
+    gathers = "fsdp gathers" if w.fsdp and w.workers > 1 else "ddp buckets"
+    rows = {"memory/device": (
+        f"{fmt_gib(est.total)} GiB (params {fmt_gib(est.params)}, grads {fmt_gib(est.grads)}, "
+        f"adamw {fmt_gib(est.optimizer)}, {gathers} {fmt_gib(est.buffers)}, activations "
+        f"{fmt_gib(est.activations)}; micro-batch {w.micro_batch} x seq {w.seq}, "
+        f"checkpointing {ckpt})"),
+        "memory/activations": (f"{fmt_gib(est.activations_no_ckpt)} GiB without "
+                               f"checkpointing, {fmt_gib(est.activations_full_ckpt)} with")}
+    cap = device_bytes(resources)
+    if cap is not None:
+        name = getattr(resources, "device", None) or "gpu_memory_gb"
+        if est.total <= cap:
+            rows["memory/fits"] = f"yes: {est.total / GiB:.1f} of {cap / GiB:g} GiB ({name})"
+        else:
+            rows["memory/fits"] = (f"NO: {est.total / GiB:.1f} GiB > {cap / GiB:g} GiB "
+                                   f"({name}); "
+                                   f"fix: {fix_hint(m, w, cap)}")
+    return rows
+
+
+def retrieved_length(chunk_length: int) -> int:
+    """r: a neighbour chunk plus its continuation (RETRO: 2m)."""
+    return 2 * chunk_length
+

@@ -1,0 +1,100 @@
+"""The memory planner: hand-computed state bytes, Korthikanti et al.'s per-layer activation
+formula, and `retro plan` marking the 48B spec as fitting its declared devices (and not, with
+activation checkpointing off)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from retro.components.training.memory import (ModelShape, Workload, estimate_memory,
+                                              layer_activations)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A GPT layer as Korthikanti et al. 2022 count it: GELU MLP of width 4h, LayerNorm, dropout.
+GPT = ModelShape(params=10**9, trainable=10**9, root_params=10**8, root_trainable=10**8,
+                 largest_unit=2 * 10**7, n_layers=24, d=2048, heads=16, kv_dim=2048,
+                 ffn=4 * 2048, gated=False, vocab=50257, dropout=True, norm_saves=1)
+
+
+def test_layer_matches_korthikanti_formula():
+    """§4.1, eq. (1) without tensor parallelism: s·b·h·(34 + 5·a·s/h) bytes per layer at 16-bit
+    activations, softmax and scores saved (no flash attention)."""
+    s, b, h, a = 2048, 2, 2048, 16
+    w = Workload(seq=s, micro_batch=b, compute_bytes=2, flash=False)
+    assert layer_activations(GPT, w, with_cca=False) == s * b * h * (34 + 5 * a * s / h)
+
+
+def test_full_recompute_keeps_one_block_input_per_layer():
+    """§4.2: full activation recomputation stores 2·s·b·h per layer (16-bit), plus one layer
+    rebuilt during backward."""
+    s, b, h, n = 1024, 1, 2048, 24
+    on = Workload(seq=s, micro_batch=b, compute_bytes=2, checkpoint_every=1)
+    off = replace(on, checkpoint_every=0)
+    layer = layer_activations(GPT, on, with_cca=False)
+    est_on, est_off = estimate_memory(GPT, on), estimate_memory(GPT, off)
+    assert est_off.activations - est_on.activations == pytest.approx(
+        n * layer - (n * 2 * s * b * h + layer))
+    every2 = estimate_memory(GPT, replace(on, checkpoint_every=2)).activations
+    assert est_on.activations < every2 < est_off.activations
+
+
+def test_state_bytes_by_hand():
+    """AdamW with fp32 masters: 4 + 4 + 8 bytes per trainable parameter, divided by the
+    workers under FSDP, replicated (plus fp32 DDP buckets) without."""
+    one = estimate_memory(GPT, Workload(seq=8, micro_batch=1))
+    assert (one.params, one.grads, one.optimizer, one.buffers) == (4e9, 4e9, 8e9, 0)
+    ddp = estimate_memory(GPT, Workload(seq=8, micro_batch=1, workers=8))
+    assert (ddp.params, ddp.optimizer, ddp.buffers) == (4e9, 8e9, 4e9)
+    fsdp = estimate_memory(GPT, Workload(seq=8, micro_batch=1, workers=8, fsdp=True,
+                                         compute_bytes=2))
+    assert (fsdp.params, fsdp.grads, fsdp.optimizer) == (0.5e9, 0.5e9, 1e9)
+    # two bf16 unit gathers (current + prefetched) + the unit's fp32 grads; the root
+    # gathered in bf16 with its fp32 grads
+    assert fsdp.buffers == 2 * 2 * 2e7 + 4 * 2e7 + 2 * 1e8 + 4 * 1e8
+
+
+def test_frozen_parameters_carry_no_gradient_or_adam_state():
+    frozen = replace(GPT, trainable=10**8)
+    est = estimate_memory(frozen, Workload(seq=8, micro_batch=1))
+    assert (est.params, est.grads, est.optimizer) == (4e9, 4e8, 8e8)
+
+
+def test_activation_checkpointing_setting_is_validated():
+    from pydantic import ValidationError
+
+    from retro.platform.spec.model import ResourceRequest
+
+    assert ResourceRequest(activation_checkpointing=3).activation_checkpointing == 3
+    with pytest.raises(ValidationError, match="every N-th"):
+        ResourceRequest(activation_checkpointing=0)
+    with pytest.raises(ValidationError):
+        ResourceRequest(device="tpu-v9")
+
+
+def _memory(overrides: list[str]) -> dict[str, dict]:
+    from retro.platform import api
+
+    _, plan = api.plan(ROOT / "specs" / "instructretro-48b.yaml", overrides)
+    return {s.name: s.info for s in plan.stages if "memory/device" in s.info}
+
+
+def test_48b_plan_fits_its_devices_and_not_without_checkpointing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)           # the plan's store lookups stay out of the repo
+    on = _memory([])
+    assert set(on) == {"retro-fit", "gpt-fit", "instruct-retro", "instruct-gpt"}
+    for name, info in on.items():
+        assert info["memory/fits"].startswith("yes"), (name, info)
+        assert "checkpointing every block" in info["memory/device"]
+    off = _memory(["resources.default.activation_checkpointing=false"])
+    assert off["retro-fit"]["memory/fits"].startswith("NO")
+    assert "activation checkpointing" in off["retro-fit"]["memory/fits"]
+    assert off["instruct-retro"]["memory/fits"].startswith("NO")
+    # 512 workers shard 48B of fp32 masters + AdamW to ~1.4 GiB; a 4x smaller cluster
+    # multiplies that state by 4
+    small = _memory(["resources.stages.retro-fit.num_workers=128"])["retro-fit"]
+    assert "adamw 2.8" in small["memory/device"] and "adamw 0.7" in on["retro-fit"][
+        "memory/device"]
