@@ -106,6 +106,12 @@ class ResolvedSchedule:
     def tokens(self) -> Optional[int]:
         return None if self.seq_length is None else self.samples * self.seq_length
 
+    def values(self) -> dict[str, Any]:
+        """Every effective value, derived ones included (for manifests and resolved.yaml)."""
+        from dataclasses import asdict
+
+        return {**asdict(self), "samples": self.samples, "tokens": self.tokens}
+
     def summary(self) -> str:
         """One line for `retro plan` and logs: every value that shapes the LR curve."""
         return (f"{self.steps:,} steps x {self.global_batch} seqs, lr {self.lr:.3g} -> "

@@ -252,7 +252,7 @@ def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: Resolve
     from retro.components.training.launcher import launch
     from retro.components.training.models import export as export_model
 
-    meta = {"stage": kind, "schedule": sched.__dict__, "seed": ctx.seed,
+    meta = {"stage": kind, "schedule": sched.values(), "seed": ctx.seed,
             "seq_length": train.seq_length, "chunk_length": chunk_length, **(extra or {})}
     export = export or functools.partial(
         export_model, tokenizer_dir=str(ctx.inputs["tokenizer"].path), meta=meta)

@@ -25,6 +25,10 @@ def test_empty_fit_schedule_takes_the_48b_paper_values():
     assert (s.warmup_steps, s.decay_steps) == (22, 30_925)   # 16,667 / 768; 23.75M / 768
     assert (s.weight_decay, s.betas, s.grad_clip) == (0.1, (0.9, 0.95), 1.0)
     assert s.steps * s.global_batch == 25_000_000 - 25_000_000 % 768
+    v = s.values()                                  # what manifests / resolved.yaml record
+    assert (v["steps"], v["warmup_steps"], v["decay_steps"], v["global_batch"]) == \
+        (32_552, 22, 30_925, 768)
+    assert v["samples"] == 32_552 * 768 and v["tokens"] == 32_552 * 768 * 4096
 
 
 def test_preset_schedule_rescales_with_the_users_length():
