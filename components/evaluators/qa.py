@@ -45,7 +45,7 @@ RETRIEVE_FIELDS = ("datasets", "data_dir", "limit", "answer_in_corpus", "retriev
 # is in one of them): always QA_FIELDS, and CONTEXT_FIELDS when it is wired with passages.
 QA_FIELDS = ("datasets", "data_dir", "limit", "answer_in_corpus", "retrieval_context",
              "encoder", "prompt", "max_new_tokens", "max_prompt_tokens", "stop_at_newline",
-             "precision")
+             "precision", "batch_size")
 CONTEXT_FIELDS = ("retrieve_k", "passages", "encoder_neighbours", "replug", "replug_temperature",
                   "context_in_encoder_only")
 
@@ -95,6 +95,10 @@ class QAEvaluator:
         """REPLUG / RA-DIT inference: each of the top `passages` passages goes alone before the
         question ("Background: ..."), and greedy decoding follows the answers' mixture weighted
         by the retriever's renormalised scores (components/radit/replug.py); plain decoders."""
+        batch_size: int = Field(8, ge=1)
+        """Questions decoded together: one left-padded batch sharing a KV cache (each answer
+        is what the question gets alone, up to float rounding at exact ties); REPLUG batches
+        a question's passages instead."""
         replug_temperature: float = Field(0.1, gt=0)
         """REPLUG: softmax temperature over the passages' retriever scores."""
         precision: Precision = "auto"
@@ -302,17 +306,21 @@ def eval_qa(ctx: StageContext[EvalParams]) -> dict[str, Any]:
         with ctx.progress(len(rows), f"{ctx.name} {name}") as bar, \
                 open(work / f"{name}.jsonl", "a") as fh:
             bar.update(len(scores))
-            for row in rows[len(scores):]:
+            todo = rows[len(scores):]
+            size = 1 if answer is not answer_one else cfg.batch_size  # REPLUG batches passages
+            for a in range(0, len(todo), size):
                 with ctx.timer("forward"), autocast(precision, "cpu"):
-                    pred = answer(lm, cfg, row)
-                scores.append(pred)
-                fh.write(json.dumps(pred) + "\n")
-                fh.flush()
-                bar.update(1)
-                if len(scores) % 25 == 0 or len(scores) == len(rows):
-                    ctx.log_metrics(step=step, **{f"{name}/em_running":
-                                                  100 * mean(s["em"] for s in scores)})
-                    step += 1
+                    preds = (answer_batch(lm, cfg, todo[a:a + size]) if size > 1
+                             else [answer(lm, cfg, todo[a])])
+                for pred in preds:
+                    scores.append(pred)
+                    fh.write(json.dumps(pred) + "\n")
+                    fh.flush()
+                    bar.update(1)
+                    if len(scores) % 25 == 0 or len(scores) == len(rows):
+                        ctx.log_metrics(step=step, **{f"{name}/em_running":
+                                                      100 * mean(s["em"] for s in scores)})
+                        step += 1
         summary[f"{name}/em"] = 100 * mean(s["em"] for s in scores)
         summary[f"{name}/f1"] = 100 * mean(s["f1"] for s in scores)
         summary[f"{name}/n"] = len(scores)
@@ -353,24 +361,48 @@ def _done(path: Path, n: int) -> list[dict[str, Any]]:
 
 def answer_one(lm: Any, cfg: QAEvaluator.Config, row: dict[str, Any]) -> dict[str, Any]:
     """Prompt, generate and score one question; returns the prediction record."""
-    from retro.components.evaluators.lm import greedy_generate
-    from retro.components.evaluators.prompts import (STOP_SEQUENCES, build_prompt,
-                                                     clean_answer, format_passage)
+    return answer_batch(lm, cfg, [row])[0]
+
+
+def answer_batch(lm: Any, cfg: QAEvaluator.Config, rows: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """Prompt, generate (one left-padded, KV-cached batch) and score several questions; each
+    record is what the question gets alone (greedy decoding of a row does not depend on the
+    rows beside it, up to float rounding of masked padding)."""
+    from retro.components.evaluators.prompts import STOP_SEQUENCES, clean_answer
+    from retro.components.models.retro.generation import generate_batch
+
+    stops = STOP_SEQUENCES + (["\n"] if cfg.stop_at_newline else [])
+    asks = [qa_prompt(lm, cfg, row) for row in rows]
+    gens = generate_batch(lm.model, lm.tokenizer, [a["prompt"] for a in asks],
+                          cfg.max_new_tokens, stops, retrieve=[a["retrieve"] for a in asks])
+    records = []
+    for row, ask, gen in zip(rows, asks, gens):
+        raw = gen.text
+        prediction = clean_answer(raw)
+        passages, enc_passages, texts = ask["passages"], ask["enc_passages"], ask["texts"]
+        records.append({
+            "id": row["id"], "question": row["question"], "answers": row["answers"],
+            "prediction": prediction, "raw": raw, **qa_scores(prediction, row["answers"]),
+            "passage_ids": [passage_id(p) for p in passages],
+            "encoder_passage_ids": [passage_id(p) for p in enc_passages],
+            "answer_in_prompt": any(answer_in_text(t, row["answers"]) for t in texts),
+            "prompt_tokens": len(ask["prompt"])})
+    return records
+
+
+def qa_prompt(lm: Any, cfg: QAEvaluator.Config, row: dict[str, Any]) -> dict[str, Any]:
+    """What one question gives the model: prompt ids, its `retrieve` (Retro encoder) or None,
+    and the passages behind them."""
+    from retro.components.evaluators.prompts import build_prompt, format_passage
 
     passages, enc_passages = model_inputs(lm, cfg, row)
     texts = [format_passage(p.get("title", ""), p["text"]) for p in passages]
     prompt = build_prompt(cfg.prompt, row["question"], texts, lm.tokenizer,
                           cfg.max_prompt_tokens, cfg.max_new_tokens)
-    stops = STOP_SEQUENCES + (["\n"] if cfg.stop_at_newline else [])
     retrieve = encoder_neighbours(lm, enc_passages) if enc_passages else None
-    raw = greedy_generate(lm, prompt, cfg.max_new_tokens, stops, retrieve=retrieve)
-    prediction = clean_answer(raw)
-    return {"id": row["id"], "question": row["question"], "answers": row["answers"],
-            "prediction": prediction, "raw": raw, **qa_scores(prediction, row["answers"]),
-            "passage_ids": [passage_id(p) for p in passages],
-            "encoder_passage_ids": [passage_id(p) for p in enc_passages],
-            "answer_in_prompt": any(answer_in_text(t, row["answers"]) for t in texts),
-            "prompt_tokens": len(prompt)}
+    return {"prompt": prompt, "retrieve": retrieve, "passages": passages,
+            "enc_passages": enc_passages, "texts": texts}
 
 
 def _uses_passages(cfg: QAEvaluator.Config) -> bool:

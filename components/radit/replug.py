@@ -8,7 +8,7 @@ prompts; the answer's probability is the mixture
 Greedy decoding of that mixture, token by token: with w_c(t) ∝ p_R(c|x) · p_LM(y_<t | c∘x)
 (the posterior of chunk c given the answer so far), p(y_t | y_<t, x) = Σ_c w_c(t) ·
 p_LM(y_t | c∘x, y_<t), whose argmax is appended to all k prompts. The product of these steps is
-exactly the mixture above. Each prompt keeps its own KV cache (no padding games).
+exactly the mixture above. The k prompts decode as one left-padded batch with a KV cache.
 
 `answer_replug` is what the `qa` evaluator's `eval-qa` calls when its `replug` field is on.
 """
@@ -67,8 +67,11 @@ def replug_generate(decoder: Any, tokenizer: Any, prompts: Sequence[Sequence[int
                     eos_token_id: int | None = None) -> MixtureGeneration:
     """Greedy decoding of the REPLUG mixture over `prompts` weighted by `prior`.
 
+    The k prompts run as one left-padded batch with a shared KV cache (CachedRetro); each new
+    token is appended to every row.
+
     Args:
-        decoder: a transformers causal LM (`cache=` KV cache API).
+        decoder: a transformers causal LM, or a RetroForCausalLM (its decoder alone runs).
         tokenizer: decodes the answer.
         prompts: one token-id prompt per passage.
         prior: p_R of each prompt [k] (sums to 1).
@@ -77,38 +80,38 @@ def replug_generate(decoder: Any, tokenizer: Any, prompts: Sequence[Sequence[int
         eos_token_id: ends generation; default the tokenizer's.
     """
     import torch
-    from transformers import DynamicCache
+
+    from retro.components.models.retro.generation import pad_id
+    from retro.components.models.retro.incremental import CachedRetro, as_retro, left_pad
 
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
-    device = next(decoder.parameters()).device
-    was_training = decoder.training
-    decoder.eval()
+    model = as_retro(decoder)
+    was_training = model.training
+    model.eval()
     log_post = torch.log(torch.as_tensor(np.asarray(prior), dtype=torch.float64))
-    caches = [DynamicCache(config=decoder.config) for _ in prompts]
     new: list[int] = []
     total = 0.0
+    k = len(prompts)
     try:
         with torch.inference_mode():
-            inputs = [list(map(int, p)) for p in prompts]
-            for _ in range(max_new_tokens):
-                log_p = torch.stack([
-                    torch.log_softmax(decoder(input_ids=torch.tensor([x], device=device),
-                                              cache=c, use_cache=True, logits_to_keep=1)
-                                      .logits[0, -1].double().cpu(), dim=-1)
-                    for x, c in zip(inputs, caches)])                     # [k, V]
+            state = CachedRetro(model, k)  # no retrieve: the decoder alone
+            logits = state.step(*left_pad(prompts, pad_id(tokenizer)))
+            for t in range(max_new_tokens):
+                log_p = torch.log_softmax(logits.double().cpu(), dim=-1)   # [k, V]
                 mix = mixture_step(log_post, log_p)
                 token = int(mix.argmax())
                 total += float(mix[token])
                 log_post = log_post + log_p[:, token]
                 new.append(token)
-                inputs = [[token]] * len(prompts)
                 if eos is not None and token == eos:
                     break
                 if any(s in tokenizer.decode(new, skip_special_tokens=True)
                        for s in stop_sequences):
                     break
+                if t + 1 < max_new_tokens:
+                    logits = state.step(torch.full((k, 1), token, dtype=torch.long))
     finally:
-        decoder.train(was_training)
+        model.train(was_training)
     text = tokenizer.decode(new, skip_special_tokens=True)
     for s in stop_sequences:
         if s in text:

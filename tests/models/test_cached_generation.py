@@ -168,3 +168,19 @@ def test_left_padded_batch_logits_equal_each_rows_full_forward(family, retro):
             expected = full_logits(model, s[:n + t], retrieve)
             torch.testing.assert_close(logits[r], expected, atol=2e-5, rtol=1e-5,
                                        msg=f"row {r} step {t}")
+
+
+def test_prompt_fed_in_blocks_gives_the_same_tokens(monkeypatch):
+    """A prompt longer than PREFILL_BLOCK is fed in several column blocks (the cache then holds
+    earlier blocks: the mask must be causal across them)."""
+    from retro.components.models.retro import generation
+
+    model = model_for("llama", True)
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (2 * M + 7, 3 * M + 1)]
+    whole = generate_batch(model, CharTokenizer(), prompts, M + 3, retrieve=neighbours_of)
+    monkeypatch.setattr(generation, "PREFILL_BLOCK", 5)
+    blocks = generate_batch(model, CharTokenizer(), prompts, M + 3, retrieve=neighbours_of)
+    assert [g.ids for g in blocks] == [g.ids for g in whole]
+    assert [g.neighbours for g in blocks] == [g.neighbours for g in whole]
+

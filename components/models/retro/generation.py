@@ -40,7 +40,11 @@ def _pick(logits, top_k: Optional[int], temperature: float, generator) -> int:
     return int(indices[torch.multinomial(probs, 1, generator=generator)])
 
 
-def _pad_id(tokenizer) -> int:
+PREFILL_BLOCK = 512
+"""Prompt columns fed per forward: attention scores stay [b, h, 512, prompt] at most."""
+
+
+def pad_id(tokenizer) -> int:
     """A token id for padding columns (never attended; any valid id works)."""
     for name in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
@@ -66,7 +70,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
     """
     import torch
 
-    from retro.components.models.retro.incremental import CachedRetro
+    from retro.components.models.retro.incremental import CachedRetro, left_pad
 
     b = len(prompts)
     if b == 0:
@@ -84,19 +88,13 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
     new: list[list[int]] = [[] for _ in range(b)]
     reason = ["max_new_tokens"] * b
     active = [True] * b
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     try:
         with torch.inference_mode():
             state = CachedRetro(model, b, tokenizer, retrieve)
-            width = max(len(p) for p in prompts)
-            if min(len(p) for p in prompts) == 0:
-                raise ValueError("generate_batch: an empty prompt")
-            ids = torch.full((b, width), pad, dtype=torch.long)
-            real = torch.zeros((b, width), dtype=torch.bool)
-            for r, p in enumerate(prompts):  # left padding: every row ends at the last column
-                ids[r, width - len(p):] = torch.as_tensor([int(t) for t in p])
-                real[r, width - len(p):] = True
-            logits = state.step(ids, real)
+            ids, real = left_pad(prompts, pad)
+            for a in range(0, ids.shape[1], PREFILL_BLOCK):  # bounded attention memory
+                logits = state.step(ids[:, a:a + PREFILL_BLOCK], real[:, a:a + PREFILL_BLOCK])
             for t in range(max_new_tokens):
                 step = torch.full((b, 1), pad, dtype=torch.long)
                 for r in range(b):

@@ -39,6 +39,30 @@ def neighbour_block(found: Any) -> torch.Tensor:
     return _pad_stack([torch.as_tensor(x, dtype=torch.long).reshape(1, -1) for x in found])[:, 0]
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (ids [b, max len], real [b, max len] bool): each row ends at the last column."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("left_pad: no prompts, or an empty prompt")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    real = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.as_tensor([int(t) for t in p], dtype=torch.long)
+        real[r, width - len(p):] = True
+    return ids, real
+
+
+def as_retro(model):
+    """A RetroForCausalLM as is; a bare transformers causal LM wrapped as one (`retro: false`,
+    no new weights), so both run through CachedRetro."""
+    if hasattr(model, "cca") and hasattr(model, "_layers"):
+        return model
+    from retro.components.models.retro.modeling_retro import RetroConfig, RetroForCausalLM
+
+    return RetroForCausalLM(RetroConfig(decoder=model.config.to_dict(), retro=False),
+                            decoder=model)
+
+
 def _pad_stack(blocks: Sequence[torch.Tensor], value: int = -1) -> torch.Tensor:
     """[k_i, r_i] blocks -> [N, max k, max r], padded with `value`."""
     k = max(t.shape[0] for t in blocks)
