@@ -15,6 +15,7 @@ from retro.platform.hashing import content_key
 from retro.platform.registry import close_matches, registry
 from retro.platform.spec import LoadedSpec, Variant
 from retro.platform.spec.model import ResourceRequest
+from retro.platform.spec.node import PICKED
 from retro.platform.spec.types import data_paths, path_exists
 from retro.platform.stage import Pick, Recipe, StageCall, StageDef
 from retro.platform.store import ArtifactStore
@@ -189,7 +190,8 @@ def _params(sdef: StageDef, values: dict[str, Any], recipe: str, call: StageCall
 def _lookup(data: Any, path: "str | Pick", call: StageCall) -> Any:
     if isinstance(path, Pick):
         value = _lookup(data, path.path, call)
-        return {k: v for k, v in value.items() if k in ("type", *path.fields)}
+        picked = {k: v for k, v in value.items() if k in ("type", *path.fields)}
+        return {**picked, PICKED: True} if "type" in value else picked   # a node, narrowed
     node = data
     for part in path.split(".") if path else []:
         if isinstance(node, dict) and part in node:

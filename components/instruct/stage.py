@@ -55,7 +55,6 @@ def instruct(ctx: StageContext[InstructParams]) -> dict:
     retro.safetensors, training.json holding the realized blend).
     """
     from retro.components.instruct.blend import realize, write_rows
-    from retro.components.instruct.config import SFT
     from retro.components.instruct.sources import load_source
     from retro.components.tokenizers.stage import load_tokenizer
     from retro.components.training.data import NpyRows

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from retro.components.radit.config import LSRConfig, RAIT
+from retro.components.radit.config import LSRConfig
 from retro.components.radit.data import Example, load_examples
 from retro.platform.errors import InputDataError, UserError
 from retro.platform.registry import StrictModel

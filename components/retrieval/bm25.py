@@ -6,7 +6,7 @@ saved index is loaded memory-mapped by `BM25Searcher`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from retro.components.retrieval.chunking import ChunkDB, raw_tokenizer
 from retro.components.retrieval.common import write_meta

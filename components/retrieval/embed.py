@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 
 from retro.components.retrieval.chunking import ChunkDB, raw_tokenizer
 from retro.components.retrieval.common import build_component, done_marker, run_shards, \

@@ -17,8 +17,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field, field_validator
 
-from retro.components.retrieval.common import build_component, done_marker, read_meta, \
-    run_shards, shard_ranges, write_meta
+from retro.components.retrieval.common import build_component, done_marker, run_shards, shard_ranges, write_meta
 from retro.platform.errors import UserError
 from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.node import Node

@@ -9,7 +9,6 @@ query parameters. recall@k = |approx top-k ∩ exact top-k| / k, averaged over t
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 

@@ -43,30 +43,17 @@ def db_stage_calls(spec: Any, seq_length: str = "recipe.seq_length",
                          inputs={"tokens": tokenize})
     db = {"chunk_db": chunk_db, "tokens": tokenize, "tokenizer": tokenizer}
     calls = [tokenizer, tokenize, chunk_db]
-    if spec.retriever.type != "bm25":
-        embed = StageCall("embed", "embed", reads={"embedder": "retriever.embedder"}, inputs=db)
-        trained = StageCall("train-index", "train-index", reads={"index": "retriever.index"},
-                            inputs={"embeddings": embed})
-        filled = StageCall("fill-index", "fill-index",
-                           inputs={"index": trained, "embeddings": embed})
-        quality = StageCall("retrieval-quality", "retrieval-quality",
-                            reads={"index": "retriever.index", "quality": "retriever.quality"},
-                            inputs={"embeddings": embed, "index": filled})
-        calls += [embed, trained, filled, quality]
-        search = {"index": filled}
-    else:
-        bm25 = StageCall("bm25-index", "bm25-index",
-                         reads={p: f"retriever.{p}" for p in ("method", "k1", "b", "stopwords")},
-                         inputs=db)
-        calls.append(bm25)
-        search = {"bm25": bm25}
+    index_calls, search = registry.build("retriever", spec.retriever).index_calls(db)
+    calls += index_calls
+    # dense: query chunks equal to DB chunks reuse the embed stage's vectors (chunk_reuse.py)
+    reuse = {"embeddings": c for c in index_calls if c.stage == "embed"}
     for split in splits:
         seqs = StageCall(f"sequences-{split}", "sequences", reads={"seq_length": seq_length},
                          consts={"split": split}, inputs={"tokens": tokenize, "chunk_db": chunk_db})
         calls += [seqs, StageCall(f"neighbours-{split}", "neighbours",
                                   reads={"neighbours": "retriever.neighbours",
                                          "retriever": "retriever"},
-                                  inputs={"sequences": seqs, **db, **search})]
+                                  inputs={"sequences": seqs, **db, **search, **reuse})]
     return calls
 
 

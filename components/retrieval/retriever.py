@@ -62,14 +62,18 @@ class Retriever:
         Raises:
             UserError: a slot is missing, or the query encoder's dim differs from the index.
         """
+        from retro.platform.registry import registry
+
         node = retriever if isinstance(retriever, dict) else retriever.model_dump(mode="json")
-        need = RETRIEVER_SLOTS + (("bm25",) if node["type"] == "bm25" else ("index",))
+        kind = registry.get("retriever", node["type"]).obj
+        need = RETRIEVER_SLOTS + (kind.search_slot,)
         missing = [s for s in need if s not in inputs]
         if missing:
             raise UserError(f"Retriever.from_artifacts needs input slots {list(need)}; "
                             f"missing {missing}")
-        if query_encoder is not None and node["type"] == "bm25":
-            raise UserError("a query encoder only applies to dense retrievers")
+        if query_encoder is not None and not kind.query_encoder:
+            raise UserError(f"a query encoder only applies to dense retrievers, not "
+                            f"{node['type']!r}")
         searcher = build_searcher(node, inputs, encode=query_encoder)
         return cls(searcher, ChunkDB(inputs["chunk_db"], inputs["tokens"]),
                    load_tokenizer(inputs["tokenizer"]))

@@ -6,13 +6,21 @@ the encoder and index (dense) or BM25 parameters (sparse), neighbour and quality
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from retro.components.retrieval.chunking import SplitConfig
 from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.node import Node
+from retro.platform.stage import StageCall
+
+# A retriever component answers for itself (no `type ==` branches elsewhere):
+#   index_calls(db)  the stage calls that build its index from the DB calls `db` (chunk_db,
+#                    tokens, tokenizer), and the input slots a searcher takes from them;
+#   searcher(inputs) the searcher over those artifacts;
+#   search_slot      the slot holding its index; query_encoder: whether queries can use a
+#                    replacement (fine-tuned) encoder.
 
 
 class NeighboursConfig(StrictModel):
@@ -69,8 +77,33 @@ class DenseRetrieverSpec:
             check_index_against_embedder(self.embedder, self.index)
             return self
 
+    search_slot = "index"
+    query_encoder = True
+
     def __init__(self, config: Any):
         self.config = config
+
+    def index_calls(self, db: dict[str, StageCall]
+                    ) -> tuple[list[StageCall], dict[str, StageCall]]:
+        embed = StageCall("embed", "embed", reads={"embedder": "retriever.embedder"}, inputs=db)
+        trained = StageCall("train-index", "train-index", reads={"index": "retriever.index"},
+                            inputs={"embeddings": embed})
+        filled = StageCall("fill-index", "fill-index",
+                           inputs={"index": trained, "embeddings": embed})
+        quality = StageCall("retrieval-quality", "retrieval-quality",
+                            reads={"index": "retriever.index", "quality": "retriever.quality"},
+                            inputs={"embeddings": embed, "index": filled})
+        return [embed, trained, filled, quality], {"index": filled}
+
+    def searcher(self, inputs: dict[str, Any], log: Any = None,
+                 encode: Optional[Callable] = None) -> Any:
+        from retro.components.retrieval.common import artifact_path
+        from retro.components.retrieval.faiss_index import FILLED
+        from retro.components.retrieval.search import DenseSearcher
+
+        return DenseSearcher(registry.build("embedder", self.config.embedder),
+                             registry.build("index", self.config.index),
+                             artifact_path(inputs["index"]) / FILLED, encode, log)
 
 
 @register("retriever", "bm25")
@@ -93,8 +126,25 @@ class BM25RetrieverSpec:
         stopwords: Optional[str] = "en"
         """bm25s stopword list (`en`), or None to keep every word."""
 
+    search_slot = "bm25"
+    query_encoder = False
+
     def __init__(self, config: Any):
         self.config = config
+
+    def index_calls(self, db: dict[str, StageCall]
+                    ) -> tuple[list[StageCall], dict[str, StageCall]]:
+        bm25 = StageCall("bm25-index", "bm25-index",
+                         reads={p: f"retriever.{p}" for p in ("method", "k1", "b", "stopwords")},
+                         inputs=db)
+        return [bm25], {"bm25": bm25}
+
+    def searcher(self, inputs: dict[str, Any], log: Any = None,
+                 encode: Optional[Callable] = None) -> Any:
+        from retro.components.retrieval.common import artifact_path
+        from retro.components.retrieval.search import BM25_DIR, BM25Searcher
+
+        return BM25Searcher(artifact_path(inputs["bm25"]) / BM25_DIR, self.config.stopwords)
 
 
 def check_index_against_embedder(embedder_node: Any, index_node: Any) -> None:

@@ -11,7 +11,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from retro.components.retrieval.common import artifact_path, build_component
 from retro.platform.errors import UserError
 from retro.platform.timing import Timings
 
@@ -101,12 +100,8 @@ class BM25Searcher:
 
 def build_searcher(retriever_node: dict, inputs: dict[str, Any], log: Any = None,
                    encode: Optional[Callable] = None):
-    """A searcher for a retriever node, from artifacts (`index` for dense, `bm25` for sparse)."""
-    if retriever_node["type"] == "bm25":
-        return BM25Searcher(artifact_path(inputs["bm25"]) / BM25_DIR,
-                            retriever_node.get("stopwords", "en"))
-    from retro.components.retrieval.faiss_index import FILLED
+    """A searcher for a retriever node (the fields searching needs, at least), from the
+    artifacts of its index stages (`search_slot`)."""
+    from retro.platform.registry import registry
 
-    embedder = build_component("embedder", retriever_node["embedder"])
-    index = build_component("index", retriever_node["index"])
-    return DenseSearcher(embedder, index, artifact_path(inputs["index"]) / FILLED, encode, log)
+    return registry.build("retriever", retriever_node).searcher(inputs, log, encode)

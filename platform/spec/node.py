@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 
 from retro.platform.registry import close_matches, registry
@@ -36,6 +36,8 @@ class NodeOf:
     def validate(self, value: Any) -> BaseModel:
         if isinstance(value, BaseModel) and hasattr(value, "type"):
             value = value.model_dump(mode="json")
+        if isinstance(value, dict) and value.get(PICKED):
+            return narrowed(self.kind, value)
         if isinstance(value, str):
             value = {"type": value}
         if not isinstance(value, dict):
@@ -62,31 +64,54 @@ class NodeOf:
         return registry.get(self.kind, name).node_model().model_validate(value)
 
 
+PICKED = "__picked__"
+"""Marks the JSON form of a node narrowed to some fields (a stage's positive list)."""
+
+
 @dataclass(frozen=True)
 class NodeFieldsOf(NodeOf):
-    """A node of `kind` narrowed to the fields a stage declares (a positive list).
-
-    The value validates as the whole component node, then every field not in `fields` is reset
-    to its default: the stage can neither see nor depend on it, and it does not enter the key.
-    """
+    """A node of `kind` narrowed to the fields a stage declares (a positive list)."""
 
     fields: tuple[str, ...] = ()
 
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            self.validate,
-            serialization=core_schema.plain_serializer_function_ser_schema(
-                self._dump_fields, info_arg=True))
-
     def validate(self, value: Any) -> BaseModel:
-        full = super().validate(value)
-        # A field another component of the kind lacks is simply absent here.
-        return type(full).model_validate({f: getattr(full, f) for f in ("type", *self.fields)
-                                          if f in type(full).model_fields})
+        full = value if isinstance(value, BaseModel) else None
+        if full is None:
+            data = value if isinstance(value, dict) else {"type": value}
+            full = narrowed(self.kind, {**data, PICKED: True}) if data.get(PICKED) \
+                else super().validate(data)
+        picked = {f: getattr(full, f) for f in ("type", *self.fields)
+                  if f in type(full).model_fields}
+        return narrowed(self.kind, {**picked, PICKED: True})
 
-    def _dump_fields(self, value: BaseModel, info: Any) -> Any:
-        dumped = value.model_dump(mode=info.mode, exclude_none=False)
-        return {k: dumped[k] for k in ("type", *self.fields) if k in dumped}
+
+def narrowed(kind: str, value: dict[str, Any]) -> BaseModel:
+    """The node of `kind` holding only the fields in `value` (already validated as part of a
+    whole node); every other field is its default, and no cross-field check runs on that mix.
+    It dumps to those fields only (with the PICKED mark), so keys cover nothing else."""
+    data = {k: v for k, v in value.items() if k != PICKED}
+    model = registry.get(kind, data["type"]).node_model()
+    view = _view_class(model, tuple(sorted(k for k in data if k != "type")))
+    fields = {k: _adapter(model.model_fields[k]).validate_python(v)
+              for k, v in data.items() if k in model.model_fields}
+    return view.model_construct(**fields)
+
+
+def _adapter(info: Any) -> TypeAdapter:
+    """Validates one field's value by its annotation (its metadata markers kept: a nested
+    `Node` stays a node)."""
+    ann = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return TypeAdapter(ann)
+
+
+_VIEWS: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _view_class(model: type[BaseModel], fields: tuple[str, ...]) -> type[BaseModel]:
+    key = (model, fields)
+    if key not in _VIEWS:
+        _VIEWS[key] = type(f"{model.__name__}Picked", (model,), {"__picked_fields__": fields})
+    return _VIEWS[key]
 
 
 def _error(loc: tuple, error_type: str, template: str, value: Any, **ctx: Any) -> ValidationError:
@@ -96,7 +121,11 @@ def _error(loc: tuple, error_type: str, template: str, value: Any, **ctx: Any) -
 
 
 def _dump(value: BaseModel, info: Any) -> Any:
-    return value.model_dump(mode=info.mode, exclude_none=False)
+    picked = getattr(type(value), "__picked_fields__", None)
+    if picked is None:
+        return value.model_dump(mode=info.mode, exclude_none=False)
+    data = value.model_dump(mode=info.mode, exclude_none=False, include={"type", *picked})
+    return {**data, PICKED: True}
 
 
 def Node(kind: str) -> Any:  # noqa: N802 - reads like a type in annotations

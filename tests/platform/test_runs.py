@@ -134,7 +134,8 @@ def test_fields_a_call_does_not_pick_neither_reach_the_stage_nor_its_key(tmp_pat
     """Positive lists: a `Pick` of some recipe fields is all the stage sees and its key holds."""
     from retro.platform.plan import build_plan
     from retro.platform.spec import load_spec
-    from retro.platform.stage import Pick, StageCall
+    from retro.platform.spec.node import PICKED
+    from retro.platform.stage import Pick
 
     import retro_toy
 
@@ -159,7 +160,7 @@ def test_fields_a_call_does_not_pick_neither_reach_the_stage_nor_its_key(tmp_pat
         retro_toy.ToyRecipe.stages = original
         retro_toy.toy_source.params = saved
     sources = [p.stages[0] for p in plans]
-    assert sources[0].params["label"] == {"type": "toy", "label": ""}   # no offset, no n
+    assert sources[0].params["label"] == {"type": "toy", "label": "", PICKED: True}  # no offset
     assert sources[0].key == sources[1].key
     assert plans[0].stages[-1].key != plans[1].stages[-1].key
 

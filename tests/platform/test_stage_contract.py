@@ -136,3 +136,24 @@ def test_the_resolved_spec_plans_to_the_same_keys(tmp_path):
     again.write_text(yaml.safe_dump(resolved(loaded.spec), sort_keys=False))
     assert [s.key for s in build_plan(load_spec(again)).stages] == \
         [s.key for s in build_plan(loaded).stages]
+
+
+def test_a_narrowed_node_holds_only_its_fields_and_skips_cross_field_checks():
+    """qa-retrieve depends on `retrieve_k` only: a spec with retrieve_k 4 and passages 2 is
+    valid, and the narrowed node (passages back at its default 5 > 4) must not fail."""
+    from pydantic import BaseModel
+
+    from retro.platform.registry import registry
+    from retro.platform.spec.node import PICKED, NodeFields
+
+    registry.load_plugins()
+
+    class P(BaseModel):
+        qa: NodeFields("evaluator", "retrieve_k", "data_dir")
+
+    p = P.model_validate({"qa": {"type": "qa", "data_dir": "/d", "retrieve_k": 4,
+                                 "passages": 2}})
+    assert p.qa.retrieve_k == 4 and p.qa.passages == 5          # unpicked: the default
+    dumped = p.model_dump(mode="json")["qa"]
+    assert dumped == {"type": "qa", "data_dir": "/d", "retrieve_k": 4, PICKED: True}
+    assert P.model_validate({"qa": dumped}).model_dump(mode="json")["qa"] == dumped

@@ -43,13 +43,13 @@ def radit_spec(tmp, shared):
                       "index": {"type": "faiss", "factory": "Flat"}},
         "instruct": {"type": "ra-it", "blend": [{"type": "qa-pairs", "path": questions}],
                      "steps": 3, "global_batch": 4, "micro_batch": 4, "retrieve_k": 2,
-                     "lr": 1e-3, "warmup": 0, "eval_samples": 2, "eval_interval": 3,
-                     "checkpoint_interval": 3},
+                     "lr": 1e-3, "warmup": 0, "eval_samples": 2, "eval_interval": 3},
         "eval": [{"type": "qa", "datasets": [DATASET], "data_dir": str(shared), "limit": 4,
                   "retrieve_k": 4, "passages": 2, "replug": True, "max_new_tokens": 3,
                   "max_prompt_tokens": 256}],
         "tracking": "none",
         "store": {"path": str(tmp / "store"), "runs": str(tmp / "runs")},
+        "resources": {"default": {"checkpoint_interval": 3}},
     }
     path = tmp / "radit-test.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -32,7 +32,7 @@ def _spec(tmp: Path, data: Path) -> Path:
                       "split": {"valid": 0.2, "heldout": 0.0, "seed": 1}},
         "model": {"type": "retro", "preset": "retro-nano"},
         "pretrain": {"seq_length": 64, "micro_batch": 8, "eval_interval": EVERY,
-                     "eval_batches": 2, "checkpoint_interval": EVERY,
+                     "eval_batches": 2,
                      "gpt": {"steps": 30, "global_batch": 8, "lr": 3e-3, "min_lr": 3e-4,
                              "warmup": 3},
                      "fit": {"steps": FIT_STEPS, "global_batch": 8, "lr": 1e-3, "warmup": 2}},
@@ -44,7 +44,8 @@ def _spec(tmp: Path, data: Path) -> Path:
                           "path": str(data / "oasst_en100" / "en_100_tree.jsonl")}]},
         "tracking": [{"type": "none"}],
         "store": {"path": str(tmp / "store"), "runs": str(tmp / "runs")},
-        "resources": {"default": {"num_workers": 1, "cpus_per_worker": 1}},
+        "resources": {"default": {"num_workers": 1, "cpus_per_worker": 1,
+                                  "checkpoint_interval": EVERY}},
     }
     path = tmp / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
