@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from retro.components.retrieval.chunk_reuse import DBChunkLookup, query_chunk_array, \
+    reusable_embeddings, search_reusing
 from retro.components.retrieval.chunking import ChunkDB, decode_batch, raw_tokenizer
 from retro.components.retrieval.common import artifact_path, done_marker, read_meta, \
     run_shards, shard_ranges, windows, write_meta
@@ -25,7 +27,7 @@ from retro.platform.spec.node import NodeFields
 from retro.platform.stage import Slot, StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 from retro.platform.timing import merge
-from retro.components.precision import report_shard_precision
+from retro.components.precision import precision_info, report_shard_precision
 
 _SEQ_CHUNKS_PER_SHARD = 32_768
 
@@ -47,7 +49,9 @@ def searcher_node(params: dict) -> dict:
                "chunk_db": "the chunk table (chunk-db)", "tokens": "document tokens (tokenize)",
                "tokenizer": "the decoder tokenizer (tokenizer)",
                "index": Slot("the filled index, dense retrievers (fill-index)", optional=True),
-               "bm25": Slot("the BM25 index, bm25 retrievers (bm25-index)", optional=True)},
+               "bm25": Slot("the BM25 index, bm25 retrievers (bm25-index)", optional=True),
+               "embeddings": Slot("the DB embeddings, dense (embed): a query chunk equal to a "
+                                  "DB chunk reuses its vector", optional=True)},
        estimate=lambda p: {"k": p.neighbours.k, "candidates": p.neighbours.candidates})
 def neighbours(ctx: StageContext[NeighboursParams]) -> dict:
     """Neighbour ids for one split's sequences.
@@ -94,6 +98,7 @@ def neighbours(ctx: StageContext[NeighboursParams]) -> dict:
     report_shard_precision(ctx, stats)          # a dense retriever's query encoder
     return {"n_seq": len(seqs), "queries": queries,
             "excluded_same_doc": sum(s["excluded"] for s in stats) / max(queries, 1),
+            "reused_db_embeddings": sum(s.get("reused", 0) for s in stats) / max(queries, 1),
             "padded_fraction": padded}
 
 
@@ -101,7 +106,7 @@ def _neighbour_shard(job: dict) -> dict:
     """Search sequences [a, b) and write their rows; returns filter statistics."""
     marker = done_marker(Path(job["ids"]).parent, f"nbr-{job['a']:012d}")
     if marker.exists():
-        return {"excluded": 0, "padded": 0}
+        return {"excluded": 0, "padded": 0, "reused": 0}
     p, inputs, m = job["params"], job["inputs"], job["chunk_length"]
     k, candidates = int(p["neighbours"]["k"]), int(p["neighbours"]["candidates"])
     seqs = Sequences(inputs["sequences"])
@@ -111,11 +116,18 @@ def _neighbour_shard(job: dict) -> dict:
     n = min(candidates, searcher.ntotal)
     ids_out, scores_out = open_memmap(job["ids"], mode="r+"), open_memmap(job["scores"], mode="r+")
     cps = ids_out.shape[1]
-    excluded = padded = 0
+    excluded = padded = reused = 0
+    reuse = _db_chunk_reuse(inputs, db, seqs.eod_id)
     for a, b in windows(job["a"], job["b"], job["window"]):
         tokens = np.asarray(seqs.tokens[a:b], dtype=np.int64)
         chunks = [row[j * m:(j + 1) * m].tolist() for row in tokens for j in range(cps)]
-        scores, hits = searcher.search_texts(decode_batch(decoder, chunks), n)
+        texts = decode_batch(decoder, chunks)
+        if reuse is None:
+            scores, hits = searcher.search_texts(texts, n)
+        else:  # chunks that are DB chunks: the embed stage's vectors, not a second forward
+            scores, hits, found = search_reusing(
+                searcher, texts, query_chunk_array(chunks, m, seqs.eod_id), *reuse, n)
+            reused += found
         hit_docs = db.doc_of(hits).reshape(b - a, cps, n)
         hits, scores = hits.reshape(b - a, cps, n), scores.reshape(b - a, cps, n)
         for i in range(b - a):
@@ -127,8 +139,18 @@ def _neighbour_shard(job: dict) -> dict:
     ids_out.flush()
     scores_out.flush()
     marker.touch()
-    return {"excluded": excluded, "padded": padded, "time_s": searcher.times.as_dict(),
+    return {"excluded": excluded, "padded": padded, "reused": reused,
+            "time_s": searcher.times.as_dict(),
             **searcher.precision_report()}
+
+
+def _db_chunk_reuse(inputs: dict, db: ChunkDB, eod: int):
+    """(lookup, DB embeddings) when the stage has an `embeddings` input it can reuse, else None
+    (bm25, no input, or float16 storage)."""
+    if "embeddings" not in inputs:
+        return None
+    emb = reusable_embeddings(inputs["embeddings"])
+    return None if emb is None else (DBChunkLookup(db, eod), emb)
 
 
 def _first_k(ids: np.ndarray, scores: np.ndarray, ok: np.ndarray, k: int):
