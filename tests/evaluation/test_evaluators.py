@@ -362,6 +362,15 @@ def test_squad_v2_is_reading_comprehension_and_squad_v2_open_is_not(shared_data)
         assert e.context["paragraph_id"] and any(a in e.context["text"] for a in e.answers)
 
 
+def test_qa_node_checks_stated_passages_against_retrieve_k(shared_data):
+    from retro.components.evaluators.qa import QAEvaluator
+
+    node = {"data_dir": str(shared_data), "retrieve_k": 4}
+    with pytest.raises(ValueError, match="must be <= retrieve_k"):
+        QAEvaluator.Config.model_validate({**node, "passages": 6})
+    assert QAEvaluator.Config.model_validate({**node, "passages": 4}).passages == 4
+
+
 def test_qa_encoder_neighbours_are_padded_like_training(db):
     """One neighbour-padding convention (issue 13 defect 8): a passage given to the encoder is
     laid out as training's `ChunkDB.neighbour_tokens` lays out a DB chunk and its continuation,
