@@ -164,7 +164,7 @@ def test_ppl_with_retrieved_text_in_context(tmp_path, db, models, monkeypatch):
 def test_in_context_prompt_drops_padding_and_keeps_the_baseline_window():
     from retro.components.evaluators.ppl_inputs import in_context_prompt
 
-    eod, m = 0, 4
+    eod = 0
     seq = list(range(100, 116))                               # n = 16, chunks of 4
     # one neighbour of 2 tokens (EOD-padded) whose continuation is missing (all EOD), and a
     # missing second neighbour (-1)
