@@ -231,13 +231,17 @@ class RunSettings(TrainSettings):
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state across workers (FSDP2) instead of
     replicating them (DDP); for models that do not fit one device."""
+    find_unused_parameters: Optional[bool] = None
+    """DDP's `find_unused_parameters`; None: detect (see `loop._unused_parameters`)."""
 
 
 def run_settings(settings: TrainSettings, resources: Any) -> RunSettings:
     """The loop's settings: a stage's keyed `settings` + its `resources` (a ResourceRequest)."""
     return RunSettings(**{k: getattr(settings, k) for k in TrainSettings.model_fields},
                        checkpoint_interval=resources.checkpoint_interval,
-                       max_failures=resources.max_failures, fsdp=resources.fsdp)
+                       max_failures=resources.max_failures, fsdp=resources.fsdp,
+                       find_unused_parameters=getattr(resources, "find_unused_parameters",
+                                                      None))
 
 
 @register("trainer", "lm", default=True)

@@ -93,8 +93,10 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     model.to(device)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"{job.name}: the freeze policy leaves no trainable parameter")
-    unused = _unused_parameters(model, job, start, rank, world, device) \
-        if world > 1 and not run.fsdp else False
+    unused = run.find_unused_parameters
+    if unused is None:
+        unused = _unused_parameters(model, job, start, rank, world, device) \
+            if world > 1 and not run.fsdp else False
     wrapped = _wrap(model, run.fsdp, world, device, find_unused=unused)
     params = [p for p in wrapped.parameters() if p.requires_grad]   # FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(_param_groups(wrapped, sched.weight_decay), lr=sched.lr,

@@ -37,6 +37,10 @@ class ResourceRequest(StrictModel):
     fsdp: bool = False
     """Training stages: shard parameters, gradients and optimizer state across workers
     (FSDP2) instead of replicating them (DDP); for models that do not fit one device."""
+    find_unused_parameters: Optional[bool] = None
+    """Training stages under DDP: trainable parameters may get no gradient (gate 0, no
+    neighbours). None detects it from the first micro-batch's autograd graph; true / false
+    force DDP's `find_unused_parameters`."""
     activation_checkpointing: Union[bool, int] = False
     """Training stages: recompute each decoder block's activations in backward instead of
     keeping them (true: every block; N: every N-th block). `retro plan` counts it in the

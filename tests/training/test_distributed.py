@@ -147,3 +147,23 @@ def test_evaluation_runs_equal_forwards_on_every_rank_and_masks_the_padding(data
         forwards.append(len(calls))
     assert forwards == [2, 2, 3]
     assert (3 * losses[0] + 2 * losses[1]) / 5 == pytest.approx(losses[2], rel=1e-6)
+
+
+def test_unused_parameter_detection_and_the_resources_knob(data, tmp_path):
+    """Gate 0 leaves the trainable encoder and CCA out of the loss's graph (detected); a
+    Retro fed neighbours with a frozen decoder uses every trainable parameter. The knob
+    (`resources.stages.<name>.find_unused_parameters`, an execution setting) reaches the loop."""
+    import torch
+
+    from retro.components.training.config import TrainSettings, run_settings
+    from retro.components.training.loop import _unused_parameters
+    from retro.platform.spec.model import ResourceRequest
+
+    jobs = _jobs(tmp_path, data)
+    for name, want in (("gate0", True), ("frozen_retro", False), ("fsdp", False)):
+        j = jobs[name]
+        torch.manual_seed(0)
+        assert _unused_parameters(j.model(), j, 0, 0, 1, torch.device("cpu")) is want, name
+    assert run_settings(TrainSettings(), ResourceRequest()).find_unused_parameters is None
+    forced = run_settings(TrainSettings(), ResourceRequest(find_unused_parameters=True))
+    assert forced.find_unused_parameters is True
