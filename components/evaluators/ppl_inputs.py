@@ -20,11 +20,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-TRAINING_META = "training.json"
-
-
 def trained_neighbours(model_dir: Path) -> Optional[int]:
     """Neighbours per chunk the model was trained with (its `training.json`), or None."""
+    from retro.components.training.models import TRAINING_META
+
     f = Path(model_dir) / TRAINING_META
     if not f.is_file():
         return None
