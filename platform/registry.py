@@ -154,6 +154,10 @@ class Registry:
         if isinstance(node, BaseModel):
             node = node.model_dump(mode="json")
         entry = self.get(kind, node["type"])
+        from retro.platform.spec.node import PICKED, narrowed
+
+        if node.get(PICKED):  # a stage's narrowed node (NodeFields): its fields, defaults else
+            return entry.obj(narrowed(kind, node), **runtime)
         return entry.obj(entry.node_model().model_validate(node), **runtime)
 
 
