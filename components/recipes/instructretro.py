@@ -203,7 +203,10 @@ class InstructRetroRecipe(BaseRecipe):
                 more = self.config.qa_ablations
                 calls += eval_qa_calls(
                     path, models["retro"], contexts=retrieve, suffix=f"retro{sfx}",
-                    ablations=[{}, {"encoder": False}, {"retrieval_context": False}]
+                    # closed-book (-ctx-off: nothing retrieved) and passages in the encoder
+                    # only (-ctx-encoder-only, Shall-we's "evidence only in the encoder")
+                    ablations=[{}, {"encoder": False}, {"retrieval_context": False},
+                               {"retrieval_context": False, "context_in_encoder_only": True}]
                     if more else [{}])
                 if models["gpt"]:
                     calls += eval_qa_calls(

@@ -494,3 +494,15 @@ def test_48b_plan_scores_retro_ppl_with_the_two_trained_neighbours():
     params = by_name["eval-ppl-retro"].params      # the node's k, else the trained k
     assert (params["evaluator"].get("neighbours") or params["train_neighbours"]) == 2
     assert by_name["eval-ppl-gpt"].params.get("train_neighbours") is None
+
+
+def test_instructretro_recipe_runs_closed_book_and_encoder_only_qa():
+    """Closed-book Retro QA reads no retrieval artifact; the encoder-only variant is its own
+    call (issue 13 defect 2)."""
+    from retro.platform.api import validate
+
+    _, plan = validate(Path(__file__).resolve().parents[2] / "specs/instructretro-48b.yaml")
+    by_name = {s.name: s for s in plan.stages}
+    assert "contexts" not in by_name["eval-qa-retro-ctx-off"].inputs
+    only = by_name["eval-qa-retro-ctx-encoder-only"]
+    assert "contexts" in only.inputs and only.params["context_in_encoder_only"] is True
