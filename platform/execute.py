@@ -13,6 +13,7 @@ from retro.platform.datahash import check_unchanged
 from retro.platform.errors import StageFailed, UserError
 from retro.platform.plan import PlannedStage
 from retro.platform.registry import registry
+from retro.platform.runs import package_versions
 from retro.platform.spec.model import ResourceRequest
 from retro.platform.stage import StageContext, serial_map, stage_logger
 from retro.platform.store import ArtifactStore
@@ -36,11 +37,21 @@ def execute_stage(p: StagePayload) -> dict[str, Any]:
     store = ArtifactStore(p.store_root)
     node = p.node
     if store.exists(node.stage, node.key) and not node.force:
-        return {"status": "cached"}
+        return {"status": "cached", "node": ray_node()}
     with store.lock(node.stage, node.key):
         if store.exists(node.stage, node.key) and not node.force:  # finished while we waited
-            return {"status": "cached"}
-        return _compute(p, store)
+            return {"status": "cached", "node": ray_node()}
+        return {**_compute(p, store), "node": ray_node()}
+
+
+def ray_node() -> dict[str, str] | None:
+    """The Ray node this process runs on ({id, ip}), for the run's events; None outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return {"id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address()}
 
 
 def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
@@ -73,7 +84,7 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
             "params": restore_env_placeholders(node.params),
             "inputs": {slot: {"stage": s, "key": k} for slot, (s, k) in p.inputs.items()},
             "seconds": round(seconds, 3), "summary": {**ctx.summary, **summary},
-            "packages": _versions(),
+            "packages": package_versions(),
             "data": {loc: d.record() for loc, d in node.data.items()}}, replace=node.force)
         tracker.log_metrics({f"summary/{k}": v for k, v in summary.items()
                              if isinstance(v, (int, float))})
@@ -88,18 +99,6 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
         cause = f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
         raise StageFailed(node.name, node.key, cause, str(log_file),
                           user_error=isinstance(e, UserError)) from None
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("retro", "torch", "numpy", "faiss-cpu", "faiss-gpu", "transformers", "ray"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest,

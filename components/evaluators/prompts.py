@@ -15,7 +15,7 @@ also stop at the first newline.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Sequence
 
 PromptFormat = Literal["instructretro", "chat"]
 
@@ -26,11 +26,6 @@ SYSTEM = ("This is a chat between a user and an artificial intelligence assistan
 SHORT_SPAN = "Answer the following question with a short span. "
 ANSWER_PREFIX = "The answer is"
 STOP_SEQUENCES = ["\nUser:", "User:", "<|endoftext|>", "<|im_end|>", "</s>"]
-
-
-class TextTokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 def format_passage(title: str, text: str) -> str:

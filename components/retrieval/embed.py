@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 from retro.components.retrieval.chunking import ChunkDB, raw_tokenizer
-from retro.components.retrieval.common import build_component, done_marker, run_shards, \
-    shard_ranges, write_meta
+from retro.components.retrieval.common import (build_component, done_marker, run_shards,
+                                              shard_count, shard_ranges, write_meta)
 from retro.components.precision import precision_info, report_shard_precision
 from retro.platform.spec.node import Node
 from retro.platform.stage import StageContext, StageParams, stage
@@ -47,7 +47,7 @@ def embed(ctx: StageContext[EmbedParams]) -> dict:
     work = ctx.work_dir / "embeddings.npy"
     if not (work.exists() and open_memmap(work).shape == (n, dim)):
         open_memmap(work, dtype, (n, dim), mode="w+").flush()
-    n_shards = max(ctx.resources.num_workers, -(-n // _ROWS_PER_SHARD))
+    n_shards = shard_count(ctx, n, _ROWS_PER_SHARD)
     ranges = shard_ranges(n, n_shards, embedder.window)
     jobs = [{"embedder": ctx.params.embedder.model_dump(mode="json"), "chunk_db": str(ctx.inputs["chunk_db"].path),
              "tokens": str(ctx.inputs["tokens"].path),

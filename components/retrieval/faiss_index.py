@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field, field_validator
 
-from retro.components.retrieval.common import build_component, done_marker, run_shards, shard_ranges, write_meta
+from retro.components.retrieval.common import (build_component, done_marker, run_shards,
+                                              shard_count, shard_ranges, write_meta)
 from retro.platform.errors import UserError
 from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.node import Node
@@ -244,7 +245,7 @@ def fill_index(ctx: StageContext[NoParams]) -> dict:
     if target is None:
         _add_serial(ctx, index, emb_path, n)
     else:
-        ranges = shard_ranges(n, max(ctx.resources.num_workers, -(-n // _ROWS_PER_SHARD)))
+        ranges = shard_ranges(n, shard_count(ctx, n, _ROWS_PER_SHARD))
         jobs = [{"index": str(trained), "emb": str(emb_path), "a": a, "b": b,
                  "out": str(ctx.work_dir / f"codes-{a:012d}.npy")} for a, b in ranges]
         run_shards(ctx, _encode_shard, jobs, [b - a for a, b in ranges], "fill-index encode")

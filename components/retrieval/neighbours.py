@@ -18,8 +18,8 @@ import numpy as np
 from retro.components.retrieval.chunk_reuse import DBChunkLookup, query_chunk_array, \
     reusable_embeddings, search_reusing
 from retro.components.retrieval.chunking import ChunkDB, decode_batch, raw_tokenizer
-from retro.components.retrieval.common import artifact_path, done_marker, read_meta, \
-    run_shards, shard_ranges, windows, write_meta
+from retro.components.retrieval.common import (artifact_path, done_marker, read_meta, run_shards,
+                                              shard_count, shard_ranges, windows, write_meta)
 from retro.components.retrieval.search import build_searcher
 from retro.components.retrieval.sequences import Sequences
 from retro.components.retrieval.retrievers import NeighboursConfig
@@ -52,7 +52,8 @@ def searcher_node(params: dict) -> dict:
                "bm25": Slot("the BM25 index, bm25 retrievers (bm25-index)", optional=True),
                "embeddings": Slot("the DB embeddings, dense (embed): a query chunk equal to a "
                                   "DB chunk reuses its vector", optional=True)},
-       estimate=lambda p: {"k": p.neighbours.k, "candidates": p.neighbours.candidates})
+       estimate=lambda p: {"k": p.neighbours.k, "candidates": p.neighbours.candidates,
+                           **precision_info(p, "retriever", "embedder")})
 def neighbours(ctx: StageContext[NeighboursParams]) -> dict:
     """Neighbour ids for one split's sequences.
 
@@ -76,7 +77,7 @@ def neighbours(ctx: StageContext[NeighboursParams]) -> dict:
             and open_memmap(ids_path).shape == shape):
         open_memmap(ids_path, np.int64, shape, mode="w+").flush()
         open_memmap(scores_path, np.float32, shape, mode="w+").flush()
-    n_shards = max(ctx.resources.num_workers, -(-len(seqs) * cps // _SEQ_CHUNKS_PER_SHARD))
+    n_shards = shard_count(ctx, len(seqs) * cps, _SEQ_CHUNKS_PER_SHARD)
     ranges = shard_ranges(len(seqs), n_shards, window)
     inputs = {slot: str(a.path) for slot, a in ctx.inputs.items()}
     jobs = [{"params": params, "inputs": inputs, "a": a, "b": b, "window": window,

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from retro.components.corpora.base import ReadStats
-from retro.components.retrieval.common import build_component, done_marker, read_meta, \
-    run_shards, write_meta
+from retro.components.retrieval.common import (build_component, done_marker, read_meta, run_shards,
+                                              shard_count, write_meta)
 from retro.platform.spec.node import Node
 from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
@@ -51,7 +51,7 @@ def tokenize(ctx: StageContext[TokenizeParams]) -> dict:
     ctx.log.info("corpus: %d documents in %d sources", scan.n_docs, len(scan.sources))
     tok_meta = read_meta(ctx.inputs["tokenizer"].path)
     dtype = token_dtype(tok_meta["vocab_size"])
-    n_shards = max(ctx.resources.num_workers, -(-scan.n_docs // _DOCS_PER_SHARD))
+    n_shards = shard_count(ctx, scan.n_docs, _DOCS_PER_SHARD)
     shards = scan.shards(n_shards)
     jobs = [{"corpus": ctx.params.corpus.model_dump(mode="json"), "tokenizer": str(ctx.inputs["tokenizer"].path),
              "pieces": pieces, "dtype": dtype, "dir": str(ctx.work_dir / f"shard-{i:05d}")}
