@@ -31,6 +31,16 @@ RALM_FIELDS = PROTOCOL_FIELDS + ("stride", "query_length", "docs", "ensemble",
                                  "context_window", "candidates")
 
 
+def default_index() -> object:
+    """The kNN-LM index default, a validated node (a narrowed node's unpicked fields take their
+    defaults unvalidated): exact `Flat` search with metric l2 (squared L2, the paper's)."""
+    from retro.components.retrieval import faiss_index  # noqa: F401 - registers `faiss`
+    from retro.platform.registry import registry
+
+    return registry.get("index", "faiss").node_model().model_validate(
+        {"type": "faiss", "factory": "Flat", "metric": "l2"})
+
+
 class _Protocol(StrictModel):
     split: str = "valid"
     """Sequences split scored (`valid`: documents not in the DB)."""
@@ -58,8 +68,7 @@ class KnnLmEvaluator:
         int32, which holds any vocabulary). False: float32 (urvashik/knnlm's default)."""
         max_train_sequences: Optional[int] = Field(None, ge=1)
         """Datastore over at most this many train sequences (None: the whole train split)."""
-        index: Node("index") = Field(default={"type": "faiss", "factory": "Flat",
-                                              "metric": "l2"}, validate_default=True)
+        index: Node("index") = Field(default_factory=lambda: default_index())
         """faiss index over the keys (any factory; the paper: `IVF4096,PQ64`, nprobe 32,
         metric l2 = squared L2)."""
         k: int = Field(1024, ge=1)
