@@ -129,6 +129,9 @@ def test_training_stages_end_to_end_resuming_a_killed_run(ray_session, shared_da
         AutoModelForCausalLM.from_pretrained(d / "decoder")
         tok = AutoTokenizer.from_pretrained(d / "decoder")
         assert len(tok) == model.decoder.config.vocab_size
+    # eval-ppl scores Retro with the neighbours it trained with: retro-fit records them
+    fit_meta = json.loads((_artifact(store, "retro-fit") / "training.json").read_text())
+    assert fit_meta["num_neighbours"] == 2                 # retriever.neighbours.k, all saved
 
     # the realized blend is in the instruct manifest, with each source's content hash
     manifest = json.loads((_artifact(store, "instruct", "instruct-retro") /
