@@ -3,18 +3,21 @@
 Every model scores the same tokens: tokens 1..n-1 of each held-out sequence (the `sequences`
 artifact of the `valid` split, whose documents are not in the retrieval DB). A Retro model reads
 the sequence's neighbours (the `neighbours` artifact of that split: k DB chunks per chunk, with
-every document of the sequence excluded, as in training) through its encoder.
+every document of the sequence excluded, as in training) through its encoder: the first k, k
+being what the model trained with (`ppl_inputs`), EOD padding attended as in training.
 
 Ablations (fields, or recipe consts that override them):
 - `encoder: false` sets the CCA gate to 0 (the decoder alone; InstructRetro's encoder bypass).
 - `retrieval_context: true` puts retrieved text in the *prompt* instead (in-context RAG, for any
-  model): chunk j (j >= 1) is scored after the top `context_neighbours` neighbours (+
-  continuations) of chunk j-1, followed by up to `context_window` preceding tokens of the
-  sequence (decoder only: no encoder input). Chunk 0 is scored as usual, so the scored tokens
-  stay the same.
+  model): chunk j (j >= 1) is scored after the text of the top `context_neighbours` neighbours
+  (+ continuations, padding dropped) of chunk j-1, followed by the preceding tokens of the
+  sequence that fit `context_window` (default: the sequence length, the baseline's window);
+  decoder only: no encoder input. Chunk 0 is scored as usual, so the scored tokens stay the
+  same.
 
-bits per byte = total NLL / ln 2 / UTF-8 bytes of the scored tokens' text (decoded with the DB
-tokenizer, special tokens dropped).
+bits per byte (RETRO's): NLL of the targets that spell document text / ln 2 / the UTF-8 bytes
+they spell, counted per token from the DB tokenizer's vocabulary; EOD targets count in loss and
+ppl only.
 """
 
 from __future__ import annotations
