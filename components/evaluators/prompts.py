@@ -79,3 +79,24 @@ def _cut(tokenizer: Any, text: str, budget: int) -> str:
     if len(ids) <= budget:
         return text
     return tokenizer.decode(ids[:max(budget, 0)]) + "\n\n" if budget > 0 else ""
+
+
+# RA-DIT's prompt: each retrieved chunk goes alone, as "Background: ...", before the
+# instruction. The same layout serves RA-IT training rows, LSR scoring and REPLUG inference, so
+# the LM sees at test time exactly what it was tuned on:
+#     System: <system>\n\nUser: Background: <chunk>\n\n<instruction>\n\nAssistant: <answer>
+BACKGROUND = "Background: {text}\n\n"
+"""Paper format (REFERENCE §6): the chunk, then a blank line, then the task."""
+
+
+def with_background(turns: Sequence[tuple[str, str]], chunk: str) -> list[tuple[str, str]]:
+    """The conversation with `chunk` put before the last user instruction."""
+    turns = list(turns)
+    user, answer = turns[-1]
+    return turns[:-1] + [(BACKGROUND.format(text=chunk.strip()) + user, answer)]
+
+
+def cut_tokens(tokenizer: Any, text: str, n: int) -> str:
+    """`text` cut to its first `n` tokens (unchanged when shorter)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(ids) <= n else tokenizer.decode(ids[:n])

@@ -33,8 +33,8 @@ from retro.components.evaluators.prompts import PromptFormat
 from retro.components.evaluators.qa_data import FILES, DatasetName, load_questions
 from retro.components.evaluators.ablation import EvalParams, ablation_call, evaluator_settings
 from retro.components.evaluators.results import declare_qa
-from retro.components.precision import Precision, autocast, report_shard_precision, \
-    stage_precision
+from retro.components.precision import Precision, autocast, precision_info, \
+    report_shard_precision, stage_precision
 from retro.platform.registry import StrictModel, register
 from retro.platform.spec.node import NodeFields
 from retro.platform.spec.types import DataPath
@@ -94,7 +94,7 @@ class QAEvaluator:
         replug: bool = False
         """REPLUG / RA-DIT inference: each of the top `passages` passages goes alone before the
         question ("Background: ..."), and greedy decoding follows the answers' mixture weighted
-        by the retriever's renormalised scores (components/radit/replug.py); plain decoders."""
+        by the retriever's renormalised scores (components/evaluators/replug.py); plain decoders."""
         batch_size: int = Field(8, ge=1)
         """Questions decoded together: one left-padded batch sharing a KV cache (each answer
         is what the question gets alone, up to float rounding at exact ties); REPLUG batches
@@ -195,6 +195,7 @@ class QaRetrieveParams(StageParams):
 
 
 @stage("qa-retrieve", version="2", params=QaRetrieveParams,
+       estimate=lambda p: precision_info(p, "retriever", "embedder"),
        inputs={"tokenizer": "the DB tokenizer (tokenizer)", "tokens": "document tokens (tokenize)",
                "chunk_db": "the chunk table (chunk-db)",
                "index": Slot("dense retrievers: the filled index (fill-index)", optional=True),
@@ -265,6 +266,7 @@ def _query_encoder(ctx: StageContext) -> Any:
 # ------------------------------------------------------------------------------ eval-qa
 
 @stage("eval-qa", version="2", params=EvalParams,
+       estimate=lambda p: precision_info(p, "evaluator"),
        inputs={"model": "the model folder (Retro checkpoint or HF model)",
                "tokenizer": Slot("a tokenizer folder, when the model folder has none",
                                  optional=True),
@@ -296,7 +298,7 @@ def eval_qa(ctx: StageContext[EvalParams]) -> dict[str, Any]:
         lm.set_gate(0.0)
     answer = answer_one
     if cfg.replug and cfg.retrieval_context and not cfg.context_in_encoder_only:  # RA-DIT
-        from retro.components.radit.replug import answer_replug as answer
+        from retro.components.evaluators.replug import answer_replug as answer
     work = ctx.work_dir / "predictions"  # written as we go: a re-run resumes from here
     work.mkdir(exist_ok=True)
     summary: dict[str, Any] = {}

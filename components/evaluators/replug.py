@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retro.components.evaluators.prompts import ANSWER_PREFIX, SHORT_SPAN, SYSTEM
-from retro.components.radit.prompts import BACKGROUND
+from retro.components.evaluators.prompts import (ANSWER_PREFIX, BACKGROUND, SHORT_SPAN, SYSTEM,
+                                                 cut_tokens)
 from retro.platform.errors import UserError
 
 
@@ -128,8 +128,6 @@ def passage_prompt(fmt: str, question: str, passage: str, tokenizer: Any,
     instruction> <question>\\n\\nAssistant: The answer is"; `chat`: the same system and user
     text through the tokenizer's chat template. The passage is cut to fit the budget.
     """
-    from retro.components.radit.scoring import cut_tokens
-
     def build(text: str) -> list[int]:
         user = BACKGROUND.format(text=text.strip()) + SHORT_SPAN + question.strip()
         if fmt == "chat":

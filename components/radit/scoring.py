@@ -15,13 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from retro.components.radit.data import Example
-from retro.components.radit.prompts import with_background
-
-
-def cut_tokens(tokenizer: Any, text: str, n: int) -> str:
-    """`text` cut to its first `n` tokens (unchanged when shorter)."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return text if len(ids) <= n else tokenizer.decode(ids[:n])
+from retro.components.evaluators.prompts import cut_tokens, with_background
 
 
 def render_rows(examples: Sequence[Example], chunks: Sequence[Sequence[str]], tokenizer: Any,

@@ -432,8 +432,7 @@ def _context_length(init: Path) -> int:
 
 
 def _rendered(ex: Example, chunk: str, tok: Any, cfg: Any) -> list[tuple[str, str]]:
-    from retro.components.radit.prompts import with_background
-    from retro.components.radit.scoring import cut_tokens
+    from retro.components.evaluators.prompts import cut_tokens, with_background
 
     return with_background(ex.turns, cut_tokens(tok, chunk, cfg.max_background_tokens))
 

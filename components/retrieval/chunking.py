@@ -17,54 +17,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from pydantic import Field, model_validator
 
+from retro.components.corpora.splits import SPLITS, SplitConfig, assign_splits  # noqa: F401 (API)
 from retro.components.retrieval.common import artifact_path, read_meta, write_meta
-from retro.platform.errors import UserError
-from retro.platform.registry import StrictModel
 from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 
-SPLITS = {"train": 0, "valid": 1, "heldout": 2}
 _DOC_BLOCK = 1 << 16
-
-
-class SplitConfig(StrictModel):
-    """How documents are divided between the DB/training, validation and held-out sets."""
-
-    valid: float = Field(0.02, ge=0, lt=1)
-    """Fraction of documents for validation sequences (never in the DB)."""
-    heldout: float = Field(0.01, ge=0, lt=1)
-    """Fraction of documents held out of both training and the DB."""
-    seed: int = 0
-    """Seed of the document permutation."""
-
-    @model_validator(mode="after")
-    def _room_for_train(self) -> "SplitConfig":
-        if self.valid + self.heldout >= 1:
-            raise ValueError(f"valid + heldout = {self.valid + self.heldout} leaves no training "
-                             "documents; keep their sum below 1")
-        return self
-
-
-def assign_splits(n_docs: int, split: SplitConfig) -> np.ndarray:
-    """Split code (0 train, 1 valid, 2 heldout) of every document.
-
-    A non-zero fraction gets at least one document, and train keeps at least one.
-    """
-    def count(frac: float) -> int:
-        return 0 if frac == 0 else max(1, round(frac * n_docs))
-
-    n_valid, n_held = count(split.valid), count(split.heldout)
-    if n_valid + n_held >= n_docs:
-        raise UserError(f"retriever.split: {n_docs} documents cannot give {n_valid} valid and "
-                        f"{n_held} heldout documents and keep one for training; use more "
-                        "documents or smaller fractions")
-    perm = np.random.default_rng(split.seed).permutation(n_docs)
-    out = np.zeros(n_docs, dtype=np.uint8)
-    out[perm[:n_valid]] = SPLITS["valid"]
-    out[perm[n_valid:n_valid + n_held]] = SPLITS["heldout"]
-    return out
 
 
 class ChunkDbParams(StageParams):

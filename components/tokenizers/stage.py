@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from retro.components.corpora.splits import SPLITS, SplitConfig, assign_splits
 from retro.platform.registry import registry
 from retro.platform.spec.node import Node
 from retro.platform.store import write_json_atomic
@@ -52,8 +53,6 @@ class TrainSplit:
     numbered as `tokenize` and `chunk-db` number them (the corpus scan's order)."""
 
     def __init__(self, corpus: Any, split: dict[str, Any], parallel_map: Any = None):
-        from retro.components.retrieval.chunking import SPLITS, SplitConfig, assign_splits
-
         self.corpus = corpus
         self.scan = corpus.scan(parallel_map)
         self.n_docs = self.scan.n_docs

@@ -7,9 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 COMPONENTS = Path(__file__).resolve().parents[2] / "components"
-# Known debt, to be removed (not added to): REPLUG decoding (radit/replug.py, with its prompt
-# and scoring helpers) belongs with the evaluators, which import it for `replug: true`.
-KNOWN_CYCLES = {frozenset({"evaluators", "radit"})}
+KNOWN_CYCLES: set[frozenset[str]] = set()   # none: keep it that way
 
 
 def package_imports() -> dict[str, set[str]]:
@@ -55,3 +53,20 @@ def test_component_packages_import_without_cycles():
     assert "retrieval" in edges and "training" in edges   # the parser sees real imports
     new = cycles(edges) - KNOWN_CYCLES
     assert not new, f"import cycles between component sub-packages: {sorted(map(sorted, new))}"
+
+
+def test_the_builtin_module_list_names_every_module_that_registers():
+    """components/builtin.py imports the modules that register components: a module with a
+    `@register(` / `@stage(` that the list misses would silently not exist for specs."""
+    import re
+
+    from retro.components.builtin import MODULES
+
+    registering = set()
+    for f in COMPONENTS.rglob("*.py"):
+        if re.search(r"^@(register|stage)\(", f.read_text(), re.M):
+            rel = f.relative_to(COMPONENTS).with_suffix("")
+            registering.add("retro.components." + ".".join(rel.parts))
+    assert registering, "the scan found no registering module"
+    assert sorted(registering - set(MODULES)) == []
+    assert sorted(m for m in MODULES if m not in registering) == []

@@ -10,7 +10,7 @@ import pytest
 
 from retro.components.instruct.render import render
 from retro.components.radit.data import load_examples
-from retro.components.radit.prompts import with_background
+from retro.components.evaluators.prompts import with_background
 from retro.platform.errors import InputDataError
 from retro.platform.registry import registry
 

@@ -11,7 +11,7 @@ import torch
 
 from retro.components.radit.lsr import (kl_loss, lm_scores, lsr_target, retriever_log_probs,
                                         retriever_scores)
-from retro.components.radit.replug import mixture_step, retriever_weights
+from retro.components.evaluators.replug import mixture_step, retriever_weights
 
 
 def test_p_lsr_formula_as_the_paper_writes_it_and_our_log_reading():
@@ -159,7 +159,7 @@ def test_lsr_scores_y_only_so_template_noise_cannot_flip_the_target(shared_data)
     assert target.argmax() == 0                               # chunk A
     # RA-IT's loss mask (template + y + EOD), which LSR used before, picks B
     from retro.components.instruct.render import encode
-    from retro.components.radit.prompts import with_background
+    from retro.components.evaluators.prompts import with_background
 
     tokenize = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
     old_mask = np.stack([encode(with_background(ex.turns, c), tokenize, eod, 96, "System: s")[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from retro.components.evaluators.lm import greedy_generate, load_eval_lm
-from retro.components.radit.replug import passage_prompt, replug_generate
+from retro.components.evaluators.replug import passage_prompt, replug_generate
 from tests.radit.helpers import tiny_lm
 
 QUESTION = "who got the first nobel prize in physics"
@@ -82,7 +82,7 @@ def test_reading_comprehension_row_answers_from_its_own_paragraph(lm, shared_dat
     """SQuAD under REPLUG: the dataset's paragraph is the one background (prior 1), not the
     retrieved passages (InstructRetro §5.1, REFERENCE §5.1)."""
     from retro.components.evaluators.qa import settings
-    from retro.components.radit.replug import answer_replug
+    from retro.components.evaluators.replug import answer_replug
     from retro.platform import stage as stage_module
 
     params = {"evaluator": {"type": "qa", "data_dir": str(shared_data), "replug": True,
