@@ -255,3 +255,38 @@ def test_spec_errors_before_anything_runs(tmp_path, shared_data):
     with pytest.raises(UserError, match=r"retriever.embedder.model: .*no-encoder does not exist"):
         api.run(spec)
     assert not (tmp_path / "runs").exists()  # nothing recorded, nothing ran
+
+
+def test_neighbours_reusing_db_embeddings_equal_embedding_every_query_chunk(dense, tmp_path):
+    """The pipeline's neighbours stage reads the embed stage's vectors for query chunks whose
+    EOD-free tokens equal a DB chunk's (same text, so same encoder input); re-running the same
+    stage function without the `embeddings` input embeds every query chunk (the old path).
+    Both artifacts must agree, and the reuse count must be what a plain token comparison says."""
+    from retro.components.retrieval.neighbours import neighbours
+    from retro.platform.stage import typed_params
+    from tests.retrieval.helpers import stage_ctx
+
+    _, (_, arts), _ = dense
+    art = arts["neighbours-train"]
+    db = ChunkDB(arts["chunk-db"], arts["tokenize"])
+    seqs = Sequences(arts["sequences-train"])
+    eod = seqs.eod_id
+    db_chunks = {tuple(t for t in db.chunk_tokens(np.array([i]))[0] if t != eod)
+                 for i in range(db.n_chunks)}
+    queries = [tuple(t for t in row[j * 64:(j + 1) * 64] if t != eod)
+               for row in seqs.tokens for j in range(4)]
+    expected = sum(q in db_chunks for q in queries)
+    assert expected > 0  # the first train document starts the stream: its chunks line up
+    summary = art.manifest["summary"]
+    assert summary["reused_db_embeddings"] == pytest.approx(expected / len(queries))
+    slots = ("sequences", "chunk_db", "tokens", "tokenizer", "index")
+    inputs = {"sequences": arts["sequences-train"], "chunk_db": arts["chunk-db"],
+              "tokens": arts["tokenize"], "tokenizer": arts["tokenizer"],
+              "index": arts["fill-index"]}
+    ctx = stage_ctx(tmp_path, "nbr-all", typed_params("neighbours", art.manifest["params"]),
+                    {s: inputs[s].path for s in slots})
+    assert neighbours(ctx)["reused_db_embeddings"] == 0
+    assert np.array_equal(np.load(ctx.out_dir / "neighbours.npy"),
+                          np.load(art.file("neighbours.npy")))
+    np.testing.assert_allclose(np.load(ctx.out_dir / "scores.npy"),
+                               np.load(art.file("scores.npy")), atol=1e-5)
