@@ -14,7 +14,7 @@ from retro.platform.spec import load_spec
 from tests.conftest import SHARED_DATA
 
 
-def _spec(tmp, sweep):
+def _spec(tmp, sweep, retriever=None):
     corpus = tmp / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "text": f"document {i} text"}) + "\n"
                               for i in range(20)))
@@ -25,12 +25,12 @@ def _spec(tmp, sweep):
             "model": {"type": "hf-causal-lm", "init": str(lm)},
             "corpus": {"type": "jsonl", "paths": [str(corpus)]},
             "tokenizer": {"type": "gpt2-files", "path": str(SHARED_DATA / "tokenizer_gpt2")},
-            "retriever": {"type": "bm25", "chunk_length": 16,
-                          "split": {"valid": 0.2, "heldout": 0.0}},
+            "retriever": retriever or {"type": "bm25", "chunk_length": 16,
+                                       "split": {"valid": 0.2, "heldout": 0.0}},
             "eval": [{"type": "ppl", "max_sequences": 8},
                      {"type": "knn-lm", "max_sequences": 8, "k": 16},
                      {"type": "in-context-ralm", "max_sequences": 8, "stride": 4}],
-            "sweep": sweep, "tracking": "none",
+            **({"sweep": sweep} if sweep else {}), "tracking": "none",
             "store": {"path": str(tmp / "store"), "runs": str(tmp / "runs")}}
     path = tmp / "families-plan.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -62,3 +62,21 @@ def test_the_key_type_is_a_new_datastore(tmp_path):
     n = _count(plan)
     assert n["knn-datastore"] == 2 and n["eval-knnlm"] == 2
     assert n["eval-ppl"] == 1 and n["eval-ralm"] == 1      # untouched by the kNN-LM sweep
+
+
+def test_dense_ralm_reads_the_dense_index_and_knn_only_specs_skip_the_db_index(tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    dense = {"type": "dense", "chunk_length": 16, "split": {"valid": 0.2, "heldout": 0.0},
+             "index": {"type": "faiss", "factory": "Flat", "dim": 384}}
+    plan = build_plan(load_spec(_spec(tmp_path, None, dense)))
+    ralm = next(s for s in plan.stages if s.stage == "eval-ralm")
+    assert plan.by_id(ralm.inputs["index"]).name == "fill-index"      # the DB's, not kNN's
+    n = _count(plan)
+    assert n["embed"] == 1 and n["fill-index"] == 2                   # DB index + kNN index
+    path = _spec(tmp_path, None)
+    raw = yaml.safe_load(path.read_text())
+    raw["eval"] = raw["eval"][:2]                                     # ppl + knn-lm only
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    n = _count(build_plan(load_spec(path)))
+    assert n["bm25-index"] == 0 and n["knn-datastore"] == 1
