@@ -39,14 +39,6 @@ def gpu_hours(flops: float, assumption: CostAssumption = CostAssumption()) -> fl
     return flops / (GPU_PEAK_BF16[assumption.gpu] * assumption.mfu) / 3600.0
 
 
-def human(n: float) -> str:
-    """1.2e9 -> '1.20B'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 # InstructRetro Table 5: A100 GPU-hours of continued pretraining on 100B tokens (REFERENCE §3).
 PAPER_FIT_GPU_HOURS = {
     "instructretro-823m": (1_920, 1_408), "instructretro-2.25b": (4_096, 3_226),

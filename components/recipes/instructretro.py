@@ -228,8 +228,9 @@ def estimate_training(spec: Any, name: str, params: dict[str, Any]) -> dict[str,
     if name not in TRAINING:
         return {}
     from retro.components.models.retro.build import estimate as model_estimate
-    from retro.components.recipes.cost import (CostAssumption, gpu_hours, human,
-                                               paper_fit_hours, training_flops)
+    from retro.components.recipes.cost import (CostAssumption, gpu_hours, paper_fit_hours,
+                                               training_flops)
+    from retro.platform.units import human
     from retro.components.training.config import resolve_schedule
     from retro.components.training.stages import preset_defaults
 

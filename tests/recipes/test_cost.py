@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from retro.components.recipes.cost import CostAssumption, gpu_hours, human, training_flops
+from retro.components.recipes.cost import CostAssumption, gpu_hours, training_flops
+from retro.platform.units import human
 
 SPEC_48B = Path(__file__).resolve().parents[2] / "specs" / "instructretro-48b.yaml"
 

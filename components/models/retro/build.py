@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from retro.platform.errors import InputDataError, UserError
+from retro.platform.units import human
 from retro.components.models.retro.presets import Dims, get_preset
 
 
@@ -267,14 +268,6 @@ def count_parameters(model_cfg, vocab_size: Optional[int] = None, chunk_length: 
         "cca_layers": sorted(int(i) for i in model.cca.keys()), "n_layers": model.n_layers,
         "d_model": model.arch.d, "vocab_size": model.decoder.config.vocab_size,
     }
-
-
-def human(n: float) -> str:
-    """48_460_000_000 -> '48.46B'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.4g}{unit}"
-    return str(int(n))
 
 
 def estimate(model_node: Any, vocab_size: Optional[int] = None, chunk_length: int = 64,

@@ -187,12 +187,6 @@ class RetroModelSpec:
     def __init__(self, config: Config):
         self.config = config
 
-    def build(self, vocab_size: Optional[int], chunk_length: int, **kw):
-        """`build_model(self.config, ...)`; see build.py."""
-        from retro.components.models.retro.build import build_model
-
-        return build_model(self.config, vocab_size, chunk_length, **kw)
-
 
 @register("model", "hf-causal-lm")
 class HFCausalLMSpec:
@@ -211,8 +205,3 @@ class HFCausalLMSpec:
 
     def __init__(self, config: Config):
         self.config = config
-
-    def build(self, vocab_size: Optional[int], chunk_length: int, **kw):
-        from retro.components.models.retro.build import build_model
-
-        return build_model(self.config, vocab_size, chunk_length, **kw)
