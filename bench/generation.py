@@ -2,7 +2,8 @@
 every step (`use_cache=False`), and a left-padded batch vs one prompt at a time.
 
 Usage: .venv/bin/python bench/generation.py [--preset retro-tiny] [--prompt 512] [--new 256]
-          [--vocab 4096] [--threads 1] [--batch 8] [--smollm2] [--uncached-new N]
+          [--vocab 4096] [--threads 1] [--batch 8] [--smollm2 [--skip-preset]]
+          [--uncached-new N]
 
 Random-weight models from the preset (fp32, CPU): the plain decoder (what QA evaluation and REPLUG
 run with the encoder off), and Retro with retrieval (k=2 neighbours of 2m = 128 tokens for every
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--smollm2", action="store_true")
     ap.add_argument("--uncached-new", type=int, default=0)
+    ap.add_argument("--skip-preset", action="store_true", help="only SmolLM2")
     args = ap.parse_args()
 
     import torch
@@ -116,7 +118,7 @@ def main() -> None:
     prompt = torch.randint(0, args.vocab, (args.prompt,), generator=g).tolist()
     retrieve = fixed_neighbours(args.vocab, m)
     tok = IdTokenizer()
-    for retro in (False, True):
+    for retro in () if args.skip_preset else (False, True):
         torch.manual_seed(0)
         node = node_model.model_validate({"type": "retro", "preset": args.preset, "retro": retro})
         model = build_model(node, args.vocab, m).eval()
