@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from retro.platform.errors import InputDataError, UserError
 from retro.platform.units import human
-from retro.components.models.retro.presets import Dims, get_preset
+from retro.components.models.retro.presets import Dims
 
 
 def hf_decoder_config(dims: Dims, vocab_size: int) -> dict:
