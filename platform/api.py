@@ -62,7 +62,8 @@ def run(ref: str | Path, overrides: Iterable[str] = (), argv: list[str] | None =
             tracking={v.name: [t.model_dump(mode="json") for t in v.spec.tracking]
                       for v in loaded.variants},
             configs={v.name: resolved(v.spec) for v in loaded.variants},
-            on_event=sink, max_concurrent=loaded.spec.resources.max_concurrent_stages)
+            on_event=sink, max_concurrent=loaded.spec.resources.max_concurrent_stages,
+            check_store=_joined_cluster(loaded.spec.resources.ray_address, started))
     except BaseException:
         record.set_status("interrupted")
         raise
@@ -75,3 +76,11 @@ def run(ref: str | Path, overrides: Iterable[str] = (), argv: list[str] | None =
                       failures=[str(f) for f in outcome.failures])
     record.event("run-finished", None, {"ok": outcome.ok})
     return record, outcome, the_plan
+
+
+def _joined_cluster(address: str | None, started: bool) -> bool:
+    """Whether stages may land on other nodes: we joined an address, or found Ray already
+    connected (unknown, so check). An embedded Ray this process started has only this node."""
+    import os
+
+    return bool(address or os.environ.get("RAY_ADDRESS")) or not started

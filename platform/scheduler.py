@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from retro.platform.errors import StageFailed
+from retro.platform.errors import StageFailed, UserError
 from retro.platform.execute import StagePayload, execute_stage
 from retro.platform.plan import Plan, PlannedStage
 from retro.platform.tracking import TrackingInfo
@@ -49,7 +49,12 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        # A cluster on this machine's loopback (tests, one-box clusters): the driver must say
+        # so, or Ray looks for a raylet on the machine's outward address and finds none.
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        local = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") \
+            else {}
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR", **local)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
@@ -58,8 +63,13 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
 
 def run_plan(plan: Plan, store_root: Path, log_dir: Path, *, run_name: str,
              tracking: dict[str, list[dict]], configs: dict[str, dict],
-             on_event: EventSink, max_concurrent: int | None = None) -> RunOutcome:
-    """Execute every non-cached stage of `plan` on the connected Ray cluster."""
+             on_event: EventSink, max_concurrent: int | None = None,
+             check_store: bool = True) -> RunOutcome:
+    """Execute every non-cached stage of `plan` on the connected Ray cluster.
+
+    `check_store`: first prove that every node sees the store (`check_store_reachable`);
+    pointless on an embedded Ray that this process started.
+    """
     out = RunOutcome({s.id: ("cached" if s.cached else "pending") for s in plan.stages})
     for s in plan.stages:
         if s.cached:
@@ -67,6 +77,9 @@ def run_plan(plan: Plan, store_root: Path, log_dir: Path, *, run_name: str,
     if not plan.to_run:
         return out
     import ray
+
+    if check_store:
+        check_store_reachable(Path(store_root))
 
     remote = ray.remote(execute_stage)
     inflight: dict[Any, PlannedStage] = {}
@@ -101,6 +114,84 @@ def run_plan(plan: Plan, store_root: Path, log_dir: Path, *, run_name: str,
                         out.states[blocked.id] = "blocked"
                         on_event("blocked", blocked, {"because": node.id})
     return out
+
+
+PROBES = ".probes"
+PROBE_TIMEOUT_S = float(os.environ.get("RETRO_STORE_PROBE_TIMEOUT_S", "180"))
+
+
+def check_store_reachable(store_root: Path, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Every alive node that can receive work (CPUs or GPUs) reads a probe this driver wrote
+    into the store and writes one back, which the driver must then see: stages exchange
+    artifacts only through the store, so a node with another view of `store.path` would
+    compute into a directory nobody else reads.
+
+    Raises:
+        UserError: naming each node that could not (exit 2); nothing has run.
+    """
+    import shutil
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    probe = store_root / PROBES / token
+    probe.mkdir(parents=True)
+    (probe / "driver").write_text(token)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and _can_receive_work(n)]
+    task = ray.remote(_probe_store)
+    refs = {task.options(num_cpus=0, max_retries=0, scheduling_strategy=(
+        NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))).remote(str(store_root), token):
+        n for n in nodes}
+    _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    problems = []
+    for ref, n in refs.items():
+        where = f"node {n['NodeID'][:12]} ({n.get('NodeManagerAddress', '?')})"
+        if ref in pending:
+            ray.cancel(ref, force=True)
+            problems.append(f"{where}: no answer within {timeout_s:.0f}s")
+            continue
+        try:
+            error = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - the node's own failure, reported as such
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+        if error is None and not (probe / n["NodeID"]).is_file():
+            error = "wrote its probe back, but not into the driver's store"
+        if error:
+            problems.append(f"{where}: {error}")
+    shutil.rmtree(probe, ignore_errors=True)
+    if problems:
+        raise UserError(
+            f"the artifact store {store_root} is not the same directory on every node of the "
+            "Ray cluster; nothing ran:\n" + "\n".join(f"  - {p}" for p in problems)
+            + "\n    hint: mount one shared filesystem (NFS, Lustre, EFS) at the same path on "
+            "every node and set store.path to it (README, 'Joining a Ray cluster')")
+
+
+def _can_receive_work(node: dict[str, Any]) -> bool:
+    """Offers a resource tasks can ask for (CPU, GPU, custom), not only memory and labels."""
+    return any(v > 0 for k, v in node.get("Resources", {}).items()
+               if k not in ("memory", "object_store_memory")
+               and not k.startswith(("node:", "accelerator_type:")))
+
+
+def _probe_store(root: str, token: str) -> str | None:
+    """On one node: read the driver's probe, write this node's; an error message or None."""
+    import ray
+
+    probe = Path(root) / PROBES / token
+    try:
+        seen = (probe / "driver").read_text()
+    except OSError as e:
+        return f"cannot read the driver's probe {probe / 'driver'} ({e.strerror})"
+    if seen != token:
+        return f"{probe / 'driver'} holds another probe"
+    try:
+        (probe / ray.get_runtime_context().get_node_id()).write_text(token)
+    except OSError as e:
+        return f"cannot write into {probe} ({e.strerror})"
+    return None
 
 
 def _task_resources(node: PlannedStage) -> dict[str, Any]:

@@ -73,16 +73,44 @@ def _fit(job: TrainJob, num_workers: int, cpus: float, gpus: float, storage: Pat
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=job.run.max_failures),
+                             # a worker group that cannot be placed again (a lost node) is
+                             # retried as often as a failed one, then fails: never a hang
+                             failure_config=FailureConfig(
+                                 max_failures=job.run.max_failures,
+                                 controller_failure_limit=job.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    nodes = _alive_nodes()
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; unwrap for the user
         cause = _root_cause(e)
         if isinstance(cause, UserError):
             raise cause from None
+        lost = [n for i, n in nodes.items() if i not in _alive_nodes()]
+        if lost:
+            raise UserError(lost_nodes_message(job.name, lost, num_workers, resources,
+                                               storage)) from e
         raise RuntimeError(f"{job.name}: Ray Train failed after {job.run.max_failures} "
                            f"restart(s): {type(cause).__name__}: {cause}") from e
+
+
+def _alive_nodes() -> dict[str, dict[str, Any]]:
+    import ray
+
+    return {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+
+
+def lost_nodes_message(name: str, lost: list[dict[str, Any]], num_workers: int,
+                       per_worker: dict[str, float], storage: Path) -> str:
+    """Which nodes left during the fit, what they held, and how to go on."""
+    held = "; ".join(f"node {n['NodeID'][:12]} ({n.get('NodeManagerAddress', '?')}, "
+                     + ", ".join(f"{k} {v:g}" for k, v in sorted(n.get("Resources", {}).items())
+                                 if k in ("CPU", "GPU", "memory") and v) + ")" for n in lost)
+    need = ", ".join(f"{k} {v:g}" for k, v in per_worker.items())
+    return (f"{name}: the Ray cluster lost {held} during the fit, and the remaining nodes "
+            f"cannot place {num_workers} workers x ({need}) again; the last checkpoint is kept "
+            f"in {storage}: re-run when the cluster has those resources again (the fit "
+            f"resumes from it), or lower resources.stages.{name}.num_workers")
 
 
 def _worker(config: dict[str, Any]) -> None:
