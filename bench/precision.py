@@ -2,7 +2,9 @@
 
 Not a test: numbers + commands go to docs/benchmarks.md ("Precision"). Everything is measured
 in one process, 1 thread by default, with the variants taking turns step by step (a shared
-machine disturbs them alike); the fastest step of each is reported (the median too).
+machine disturbs them alike). Times are the process's CPU time (`time.process_time`: with one
+thread, what the step costs a core, whatever else the machine runs; wall time is printed too):
+the fastest step of each variant, and the median.
 
     train   Retro (retro-tiny preset: llama family, 6 layers, CCA at 3 and 6, seq 512, batch 4,
             chunk 64, 2 neighbours of 128, vocab 32000) at decoder widths 256 and 512:
@@ -18,10 +20,13 @@ machine disturbs them alike); the fastest step of each is reported (the median t
             chunks (64 GPT-2 tokens of the featured passages, detokenized, as the embed stage
             does), and recall@10 of a bf16-embedded exact index against the fp32 one (queries
             embedded in the same precision as their index).
+    curve   the tiny spec's gpt-pretrain loss curve in fp32 vs bf16 (and bf16 twice: identical?)
+            through the product's training loop.
 
 Usage:
     .venv/bin/python bench/precision.py train [--widths 256 512] [--rounds 3] [--bf16-params]
     .venv/bin/python bench/precision.py embed [--db 4096] [--queries 256] [--rounds 2]
+    .venv/bin/python bench/precision.py curve [--steps 120]
 """
 
 from __future__ import annotations
@@ -60,15 +65,16 @@ def build_retro(width: int):
 
 
 def matmul_rate(dtype, n: int = 2048, reps: int = 4) -> float:
+    """FLOP/s of an n³ matmul in `dtype` (best CPU-time of `reps`)."""
     import torch
 
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = time.process_time()
         torch.mm(a, b)
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     return 2 * n ** 3 / min(times)
 
 
@@ -90,7 +96,7 @@ class Variant:
 
         from retro.components.precision import autocast
 
-        self.name, self.batch, self.times, self.losses = name, batch, [], []
+        self.name, self.batch, self.times, self.walls, self.losses = name, batch, [], [], []
         self.model = copy.deepcopy(model)
         self.ctx = (lambda: autocast("bf16", "cpu")) if name == "bf16" else contextlib.nullcontext
         self.master = None
@@ -106,7 +112,7 @@ class Variant:
     def step(self) -> float:
         import torch
 
-        t = time.perf_counter()
+        t, wall = time.process_time(), time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         with self.ctx():
             out = self.model(**self.batch)
@@ -121,8 +127,9 @@ class Variant:
             with torch.no_grad():
                 for w, p in zip(self.master, self.model.parameters()):
                     p.copy_(w)
-        dt = time.perf_counter() - t
+        dt = time.process_time() - t
         self.times.append(dt)
+        self.walls.append(time.perf_counter() - wall)
         self.losses.append(float(loss.detach()))
         return dt
 
@@ -146,7 +153,7 @@ def bench_train(args) -> dict:
         del model
     for v in cases.values():                # warm-up (oneDNN primitive caches, allocator)
         v.step()
-        v.times.clear(), v.losses.clear()
+        v.times.clear(), v.walls.clear(), v.losses.clear()
     bf16_rates, fp32_rates = [matmul_rate(torch.bfloat16)], [matmul_rate(torch.float32)]
     for _ in range(args.rounds):
         for v in cases.values():
@@ -159,7 +166,8 @@ def bench_train(args) -> dict:
         flops = cases[(width, "fp32")].flops
         t = min(v.times)
         rows.append({"width": width, "variant": name, "step_s": t,
-                     "step_s_median": statistics.median(v.times), "tokens_per_s": B * N / t,
+                     "step_s_median": statistics.median(v.times), "wall_s_min": min(v.walls),
+                     "wall_s_median": statistics.median(v.walls), "tokens_per_s": B * N / t,
                      "gflop_per_step": flops / 1e9, "flop_rate_gflops": flops / t / 1e9,
                      "of_bf16_matmul": flops / t / bf16_mm,
                      "speedup_vs_fp32": min(cases[(width, "fp32")].times) / t,
@@ -169,14 +177,15 @@ def bench_train(args) -> dict:
 
 
 def print_train(res: dict) -> None:
-    print(f"{'width':>5} {'variant':12} {'step s':>7} {'median':>7} {'tok/s':>7} "
+    print(f"{'width':>5} {'variant':12} {'cpu s':>7} {'median':>7} {'wall s':>7} {'tok/s':>7} "
           f"{'x fp32':>6} {'GFLOP':>6} {'GFLOP/s':>8} {'of bf16 mm':>10} {'loss':>7}")
     for r in res["rows"]:
         print(f"{r['width']:5} {r['variant']:12} {r['step_s']:7.3f} {r['step_s_median']:7.3f} "
+              f"{r['wall_s_min']:7.3f} "
               f"{r['tokens_per_s']:7.0f} {r['speedup_vs_fp32']:6.2f} {r['gflop_per_step']:6.1f} "
               f"{r['flop_rate_gflops']:8.1f} {r['of_bf16_matmul']:10.2f} {r['first_loss']:7.4f}")
-    print(f"matmul 2048³ (1 thread unless --threads): bf16 {res['bf16_matmul_gflops']:.0f} "
-          f"GFLOP/s, fp32 {res['fp32_matmul_gflops']:.0f} GFLOP/s")
+    print(f"matmul 2048³ (CPU time; 1 thread unless --threads): bf16 "
+          f"{res['bf16_matmul_gflops']:.0f} GFLOP/s, fp32 {res['fp32_matmul_gflops']:.0f} GFLOP/s")
 
 
 # ------------------------------------------------------------------------------ embed
@@ -218,9 +227,9 @@ def bench_embed(args) -> dict:
     for r in range(args.rounds):
         for a in range(0, len(db), window):                    # take turns window by window
             for p, e in emb.items():
-                t = time.perf_counter()
+                t = time.process_time()
                 out = e.embed(db[a:a + window])
-                times[p].append((time.perf_counter() - t, len(out)))
+                times[p].append((time.process_time() - t, len(out)))
                 if r == 0:
                     vecs[p].append(out)
     rate = {p: sum(n for _, n in ts) / sum(t for t, _ in ts) for p, ts in times.items()}
@@ -234,28 +243,111 @@ def bench_embed(args) -> dict:
             "mean_cosine_bf16_fp32": cos, "resolved": {p: e.precision for p, e in emb.items()}}
 
 
+# ------------------------------------------------------------------------------ curve
+def wiki_rows(out: Path, seq_length: int, n_passages: int, vocab: int):
+    """Train/valid token rows of real wiki passages under a BPE trained on them (as the tiny
+    spec's train-bpe tokenizer), documents joined with EOD."""
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = []
+    with gzip.open(DATA / "wiki_featured_passages" / "passages.part-00.jsonl.gz", "rt") as fh:
+        for line in fh:
+            texts.append(json.loads(line)["text"])
+            if len(texts) == n_passages:
+                break
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<eod>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eod, n_valid, paths = tok.token_to_id("<eod>"), len(texts) // 10, []
+    for name, part in (("train", texts[:-n_valid]), ("valid", texts[-n_valid:])):
+        stream = np.concatenate([np.array(e.ids + [eod], dtype=np.uint16)
+                                 for e in tok.encode_batch(part)])
+        paths.append(out / f"{name}.npy")
+        np.save(paths[-1], stream[: len(stream) // seq_length * seq_length]
+                .reshape(-1, seq_length))
+    return paths
+
+
+def bench_curve(args) -> dict:
+    """The tiny spec's gpt-pretrain (retro-tiny preset at d_model 128, seq 256, batch 8, 120
+    steps, lr 1e-3 -> 1e-4, warmup 10, eval every 40 on 2 batches) in fp32, bf16 and bf16 again,
+    through the product's training loop (in-process, 1 thread)."""
+    import functools
+    import tempfile
+
+    import torch
+
+    from retro.components.training.config import RunSettings, Schedule, resolve_schedule
+    from retro.components.training.data import NpyRows
+    from retro.components.training.launcher import launch
+    from retro.components.training.loop import TrainJob
+    from retro.components.training.models import build_fresh
+
+    torch.set_num_threads(args.threads)
+    vocab, seq = 4096, 256
+    work = Path(tempfile.mkdtemp(prefix="bench-precision-"))
+    train, valid = wiki_rows(work, seq, args.passages, vocab)
+    node = {"type": "retro", "preset": "retro-tiny", "retro": False,
+            "overrides": {"d_model": 128}}
+    sched = resolve_schedule(Schedule(steps=args.steps, global_batch=8, lr=1e-3, min_lr=1e-4,
+                                      warmup=10), seq)
+    runs = {}
+    for name, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16-again", "bf16")):
+        job = TrainJob(name=name, seed=1234, out_dir=str(work / name), schedule=sched,
+                       model=functools.partial(build_fresh, node, vocab, 64, retro=False),
+                       train_data=NpyRows(str(train), seq), val_data=NpyRows(str(valid), seq),
+                       run=RunSettings(micro_batch=8, eval_interval=40, eval_batches=2,
+                                       checkpoint_interval=10_000, precision=precision))
+        t = time.process_time()
+        summary = launch(job, num_workers=1, storage=work / f"{name}-ckpt", use_ray=False)
+        rows = [json.loads(x) for x in job.metrics_file.read_text().splitlines()]
+        runs[name] = {"cpu_s": time.process_time() - t, "precision": summary["precision"],
+                      "train_loss": [r["loss"] for r in rows if r["kind"] == "train"],
+                      "val_loss": [r["val_loss"] for r in rows if r["kind"] == "eval"],
+                      "time_s": summary.get("time_s")}
+    a, b = runs["bf16"], runs["fp32"]
+    return {"runs": runs, "final_train_rel_diff": a["train_loss"][-1] / b["train_loss"][-1] - 1,
+            "final_val_rel_diff": a["val_loss"][-1] / b["val_loss"][-1] - 1,
+            "max_train_rel_diff": max(abs(x / y - 1) for x, y in
+                                      zip(a["train_loss"], b["train_loss"])),
+            "bf16_runs_identical": runs["bf16"]["train_loss"] == runs["bf16-again"]["train_loss"]
+            and runs["bf16"]["val_loss"] == runs["bf16-again"]["val_loss"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["train", "embed"])
+    ap.add_argument("what", choices=["train", "embed", "curve"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bf16-params", action="store_true")
     ap.add_argument("--db", type=int, default=4096)
     ap.add_argument("--queries", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--passages", type=int, default=1500)
     ap.add_argument("--json", type=Path, help="append the result as a JSON line here")
     args = ap.parse_args()
     from retro.components.precision import hardware_text
 
     load0 = os.getloadavg()
-    res = bench_train(args) if args.what == "train" else bench_embed(args)
+    res = {"train": bench_train, "embed": bench_embed, "curve": bench_curve}[args.what](args)
     res["env"] = {"threads": args.threads, "hardware": hardware_text("cpu"),
                   "load_avg_start_end": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
                   "rounds": args.rounds}
     if args.what == "train":
         print_train(res)
+    elif args.what == "curve":
+        for name, r in res["runs"].items():
+            print(f"{name:11} {r['precision']} cpu {r['cpu_s']:.0f}s train loss "
+                  f"{r['train_loss'][0]:.4f} -> {r['train_loss'][-1]:.4f}, val "
+                  + " ".join(f"{v:.4f}" for v in r["val_loss"]))
+        print({k: v for k, v in res.items() if k != "runs"})
     else:
-        print(json.dumps({k: v for k, v in res.items()}, indent=1))
+        print(json.dumps(res, indent=1))
     print(f"hardware {res['env']['hardware']}; load average start/end "
           f"{res['env']['load_avg_start_end']}")
     if args.json:
