@@ -96,7 +96,12 @@ def eval_knnlm(ctx: StageContext[EvalKnnParams]) -> dict[str, Any]:
                 rows.add(seq, targets[i].numpy(), -mixed, -lm_logp[i], target_in_knn=in_knn)
             bar.update(len(batch))
     summary = {**rows.summary(), "sequences": n, "datastore": len(store),
-               "target_in_knn": hits / max(rows.totals["tokens"], 1)}
+               "target_in_knn": hits / max(rows.totals["tokens"], 1),
+               # cost beside the baseline's forward: one search per token, k key reads
+               "searches_per_token": 1.0,
+               "key_reads_per_token": float(min(cfg.k, len(store))
+                                            if cfg.recompute_distances else 0),
+               "datastore_bytes": int(sum(f.stat().st_size for f in store.path.glob("*.npy")))}
     (ctx.out_dir / "scores.json").write_text(json.dumps(
         {"settings": cfg.model_dump(mode="json"), "scores": summary}, indent=2))
     declare(ctx, cfg, "knn-lm")

@@ -74,6 +74,8 @@ class RalmScorer:
         self.cfg, self.search, self.score = cfg, search, score
         self.sign = 1.0 if higher_is_better else -1.0
         self.trace: list[dict[str, Any]] = []   # per block: lo, hi, query, docs used
+        self.forward_tokens = 0                  # input tokens the LM ran on (cost)
+        self.queries = 0
 
     def sequence_log_probs(self, toks: list[int], exclude_docs: Any) -> np.ndarray:
         """log p(toks[p] | retrieval, prefix) for p = 1..n-1 ([n-1] float64)."""
@@ -99,6 +101,8 @@ class RalmScorer:
                 firsts.append(first)
                 targets.append(toks[lo:hi])
         logps = self.score(inputs, firsts, targets)
+        self.forward_tokens += sum(map(len, inputs))
+        self.queries += len(queries)
         out = np.zeros(n - 1, dtype=np.float64)
         at = 0
         for lo, hi, kept in plan:
@@ -243,6 +247,9 @@ def eval_ralm(ctx: StageContext[EvalRalmParams]) -> dict[str, Any]:
                      dropped_own_doc=sum(t["dropped"] for t in scorer.trace))
             bar.update(1)
     summary = {**rows.summary(), "sequences": n}
+    # cost beside the baseline's one forward of n-1 tokens per sequence
+    summary["forward_tokens_per_token"] = scorer.forward_tokens / max(summary["tokens"], 1)
+    summary["queries_per_token"] = scorer.queries / max(summary["tokens"], 1)
     (ctx.out_dir / "scores.json").write_text(json.dumps(
         {"settings": cfg.model_dump(mode="json"), "scores": summary}, indent=2))
     declare(ctx, cfg, "in-context-ralm")

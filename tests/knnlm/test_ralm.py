@@ -58,6 +58,8 @@ def test_queries_end_before_the_first_predicted_token_and_the_evaluated_doc_is_d
     assert len(with_doc) == len(scorer.trace) == len(blocks(N, 4)) - 1
     # the first block (no prefix to query with) is scored without retrieval
     assert calls[0][0] == toks[0:3] and calls[0][2] == toks[1:4]
+    assert scorer.forward_tokens == sum(len(c[0]) for c in calls)
+    assert scorer.queries == len(blocks(N, 4)) - 1
 
 
 def test_doc_and_prefix_fit_the_baseline_budget():
