@@ -94,6 +94,10 @@ def narrowed(kind: str, value: dict[str, Any]) -> BaseModel:
     view = _view_class(model, tuple(sorted(k for k in data if k != "type")))
     fields = {k: _adapter(model.model_fields[k]).validate_python(v)
               for k, v in data.items() if k in model.model_fields}
+    for k, info in model.model_fields.items():   # defaults a whole node would validate
+        if k not in fields and info.validate_default:
+            fields[k] = _adapter(info).validate_python(info.get_default(
+                call_default_factory=True))
     return view.model_construct(**fields)
 
 

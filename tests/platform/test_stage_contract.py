@@ -157,3 +157,21 @@ def test_a_narrowed_node_holds_only_its_fields_and_skips_cross_field_checks():
     dumped = p.model_dump(mode="json")["qa"]
     assert dumped == {"type": "qa", "data_dir": "/d", "retrieve_k": 4, PICKED: True}
     assert P.model_validate({"qa": dumped}).model_dump(mode="json")["qa"] == dumped
+
+
+def test_a_narrowed_node_validates_the_defaults_a_whole_node_would():
+    """An unpicked field whose default is validated (the retriever's `embedder: {}`) is the
+    validated node, as in a whole node, not the raw `{}`."""
+    from pydantic import BaseModel
+
+    from retro.platform.registry import registry
+    from retro.platform.spec.node import NodeFields
+
+    registry.load_plugins()
+
+    class P(BaseModel):
+        r: NodeFields("retriever", "chunk_length")
+
+    p = P.model_validate({"r": {"type": "dense", "chunk_length": 32}})
+    whole = registry.get("retriever", "dense").node_model().model_validate({"type": "dense"})
+    assert p.r.chunk_length == 32 and p.r.embedder == whole.embedder
