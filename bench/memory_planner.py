@@ -1,8 +1,9 @@
 """The memory planner's estimate vs measured peak memory of real training steps on CPU.
 
 For each configuration: build the model, AdamW, and run three optimizer steps exactly as the
-training loop does (`loop._loss_sum`, fp32, one worker, no activation checkpointing: the loop
-has none yet), in a fresh subprocess. Measured: the process's peak RSS (VmHWM, reset through
+training loop does (`loop._loss_sum`, fp32, no activation checkpointing: the loop has none
+yet), in fresh subprocesses: one worker, or two gloo workers under the loop's FSDP2 wrapping
+(`loop._wrap`; the worst rank's peak). Measured: the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs after the data and imports are in place) minus the RSS at that point.
 Estimated: `memory.estimate_memory(model_shape(meta model), workload).total`.
 
@@ -28,7 +29,13 @@ CONFIGS = {
                       512, 4, 2),
     "retro-d384-k4": ({"n_layers": 6, "d_model": 384, "n_heads": 6, "vocab_size": 8192}, True,
                       256, 4, 4),
+    # FSDP2 on 2 gloo workers (per-rank peak): sharded state, unit gathers, the root unit
+    "fsdp2-gpt-d512": ({"n_layers": 6, "d_model": 512, "n_heads": 8, "vocab_size": 16384},
+                       False, 512, 2, 0),
+    "fsdp2-retro-d384-k2": ({"n_layers": 6, "d_model": 384, "n_heads": 6,
+                             "vocab_size": 8192}, True, 512, 2, 2),
 }
+WORKERS = {name: 2 if name.startswith("fsdp2") else 1 for name in CONFIGS}
 CHUNK = 64
 
 
@@ -57,8 +64,13 @@ def measure(name: str) -> dict:
     cfg = registry.get("model", "retro").node_model().model_validate(node)
     vocab = overrides["vocab_size"]
     shape = model_shape(build_model(cfg, vocab, CHUNK, device="meta"))
-    work = Workload(seq=seq, micro_batch=mb, compute_bytes=4, workers=1, neighbours=k,
-                    retrieved=retrieved_length(CHUNK))
+    world = WORKERS[name]
+    work = Workload(seq=seq, micro_batch=mb, compute_bytes=4, workers=world, fsdp=world > 1,
+                    neighbours=k, retrieved=retrieved_length(CHUNK))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
     est = estimate_memory(shape, work)
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, vocab, (mb, seq), generator=g),
@@ -73,6 +85,10 @@ def measure(name: str) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, vocab, CHUNK)
     model.train()
+    if world > 1:
+        from retro.components.training.loop import _wrap
+
+        model = _wrap(model, True, world, torch.device("cpu"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=False)
     for _ in range(3):
@@ -80,7 +96,12 @@ def measure(name: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     peak = (_rss_kib("VmHWM") - base) * 1024
-    return {"config": name, "params": shape.params, "seq": seq, "micro_batch": mb,
+    if world > 1:
+        peaks = [torch.tensor(float(peak))]
+        dist.all_reduce(peaks[0], op=dist.ReduceOp.MAX)   # the worst rank
+        peak = float(peaks[0])
+        dist.destroy_process_group()
+    return {"config": name, "workers": world, "params": shape.params, "seq": seq, "micro_batch": mb,
             "neighbours": k, "measured_mib": peak / 2**20, "estimated_mib": est.total / 2**20,
             "estimate_parts_mib": {p: v * 1024 for p, v in est.as_gib().items()},
             "ratio": est.total / peak}
@@ -98,11 +119,19 @@ def main() -> None:
            "TRANSFORMERS_OFFLINE": "1"}
     rows = []
     for name in args.only or CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--child", name], env=env, check=True,
-                             capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        world = WORKERS[name]
+        port = str(29500 + os.getpid() % 1000)
+        procs = [subprocess.Popen([sys.executable, __file__, "--child", name], text=True,
+                                  stdout=subprocess.PIPE,
+                                  env={**env, "RANK": str(r), "WORLD_SIZE": str(world),
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+                 for r in range(world)]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"{name}: a worker failed")
+        rows.append(json.loads(outs[0].strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{name:18s} params {r['params'] / 1e6:6.2f}M  seq {r['seq']:5d} mb "
+        print(f"{name:20s} x{r['workers']} params {r['params'] / 1e6:6.2f}M  seq {r['seq']:5d} mb "
               f"{r['micro_batch']} k {r['neighbours']}  measured {r['measured_mib']:7.1f} MiB"
               f"  estimated {r['estimated_mib']:7.1f} MiB  estimate/measured "
               f"{r['ratio']:.2f}", flush=True)
