@@ -54,6 +54,10 @@ def plan_table(loaded: Any, plan: Any) -> None:
               f"{t['shared']} shared by several variants")
     for path, value in plan.missing_data:
         out.print(f"[yellow]missing data[/] {path} = {value}")
+    unfit = [s.name for s in plan.stages if str(s.info.get("memory/fits", "")).startswith("NO")]
+    if unfit:
+        out.print(f"[bold red]will not fit the declared device memory[/]: {', '.join(unfit)} "
+                  "(their memory/fits rows say what would)")
 
 
 def data_table(plan: Any) -> None:
