@@ -80,3 +80,18 @@ def test_dense_ralm_reads_the_dense_index_and_knn_only_specs_skip_the_db_index(t
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     n = _count(build_plan(load_spec(path)))
     assert n["bm25-index"] == 0 and n["knn-datastore"] == 1
+
+
+def test_a_family_scored_differently_from_the_baseline_is_a_spec_error(tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    from retro.platform.errors import SpecError
+
+    path = _spec(tmp_path, None)
+    raw = yaml.safe_load(path.read_text())
+    raw["eval"][1]["max_sequences"] = 16                # the ppl node scores 8
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert any(i.path == "eval.1" and "max_sequences" in i.message
+               for i in err.value.issues)
