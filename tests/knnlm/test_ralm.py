@@ -90,3 +90,50 @@ def test_replug_ensemble_weights_documents_by_retrieval_score():
     assert math.exp(logp[0]) == pytest.approx(0.5)           # block 0: no retrieval
     with pytest.raises(ValueError, match="ensemble"):
         InContextRalmEvaluator.Config(docs=2)
+
+
+def test_the_retriever_adapter_maps_chunks_to_documents_and_drops_the_evaluated_one(tmp_path):
+    """`retriever_search` over the platform's Retriever (a searcher that ranks the evaluated
+    document's chunk first): hits carry the chunk's corpus document and tokens; the scorer
+    drops the evaluated document's chunk."""
+    from transformers import GPT2TokenizerFast
+
+    from retro.components.knnlm.ralm import retriever_search
+    from retro.components.retrieval.api import ChunkDB, Retriever, Sequences
+    from tests.conftest import SHARED_DATA
+    from tests.knnlm.helpers import db_artifacts
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    docs = [list(range(200, 240)), list(range(300, 340)), list(range(400, 470))]
+    arts = db_artifacts(tmp_path, docs, [0, 0, 1], 32)
+    seqs = Sequences(arts["sequences-valid"])
+    assert list(seqs.docs(0)) == [2]                       # the evaluated (valid) document
+
+    class Searcher:                                        # BM25-like: text in, ids out
+        texts: list[str] = []
+
+        def search_texts(self, texts, n):
+            self.texts += texts
+            return (np.tile([[9.0, 5.0, 1.0]], (len(texts), 1))[:, :n],
+                    np.tile([[2, 0, 1]], (len(texts), 1))[:, :n])
+
+    tok = GPT2TokenizerFast.from_pretrained(str(SHARED_DATA / "tokenizer_gpt2"))
+    searcher = Searcher()
+    retriever = Retriever(searcher, ChunkDB(arts["chunk_db"], arts["tokens"]), tok)
+    cfg = InContextRalmEvaluator.Config(stride=8, query_length=8, continuation=False)
+    hits = retriever_search(retriever, cfg)([[400, 401]], 3)[0]
+    assert [h.doc for h in hits] == [2, 0, 1]
+    assert hits[1].tokens == tuple(docs[0]) and hits[1].score == 5.0
+    assert searcher.texts == [tok.decode([400, 401])]
+    prompts = []
+
+    def score(inputs, firsts, targets):
+        prompts.extend(inputs)
+        return [np.zeros(len(t)) for t in targets]
+
+    scorer = RalmScorer(cfg, retriever_search(retriever, cfg), score)
+    scorer.sequence_log_probs(np.asarray(seqs.tokens[0]).tolist(), seqs.docs(0))
+    assert all(b["docs"] == [0] and b["dropped"] == 1 for b in scorer.trace)
+    assert not any(set(p) & set(docs[2][40:]) - set(np.asarray(seqs.tokens[0]).tolist())
+                   for p in prompts)
