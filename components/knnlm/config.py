@@ -27,7 +27,7 @@ KNN_FIELDS = PROTOCOL_FIELDS + ("k", "lmbda", "temperature", "recompute_distance
 """What an `eval-knnlm` call reads from its node (the index node goes to train-index)."""
 
 RALM_FIELDS = PROTOCOL_FIELDS + ("stride", "query_length", "docs", "ensemble",
-                                 "ensemble_weights", "doc_tokens", "continuation",
+                                 "ensemble_weights", "doc_tokens", "continuation", "title",
                                  "context_window", "candidates")
 
 
@@ -108,6 +108,9 @@ class InContextRalmEvaluator:
         continuation: bool = True
         """A document is the retrieved DB chunk followed by its continuation (RETRO's
         neighbour; two chunks ≈ the paper's 100-word passage); False: the chunk alone."""
+        title: bool = True
+        """Start each document with its corpus title and a newline (the paper's
+        `title + "\\n" + text`), counted in `doc_tokens`."""
         context_window: Optional[int] = Field(None, ge=2)
         """Tokens of retrieved text + preceding tokens + the scored stride at most (the prefix
         is cut from the left). None: the sequence length, the no-retrieval baseline's

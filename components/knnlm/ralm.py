@@ -8,7 +8,8 @@ held-out sequence of n tokens (the tokens `eval-ppl` scores: positions 1..n-1):
   reference code's first window (AI21Labs/in-context-ralm eval_lm.py: idx 0, no retrieval);
 - block j >= 1 (targets j·s .. j·s+s-1) retrieves with the decoded text of tokens
   [j·s-ℓ, j·s): never a token at or after the first predicted position;
-- the top document's tokens (title-less DB chunk + continuation, at most `doc_tokens`) are
+- the top document's tokens (its title and a newline, then the DB chunk + continuation, at most
+  `doc_tokens`) are
   prepended; doc + prefix fit the baseline's token budget (the window - 1 input tokens of a
   sequence-length forward), the prefix cut from the left, as the reference code overwrites the
   first |doc| positions of its 1024-token window;
@@ -161,6 +162,10 @@ def retriever_search(retriever: Any, cfg: Any) -> Search:
             nxt = int(db.continuation(np.array([chunk_id]))[0])
             ids += [nxt] if nxt >= 0 else []
         out: list[int] = []
+        title = db.doc_table()[int(db.doc_of(np.array([chunk_id]))[0])].get("title") \
+            if cfg.title else None
+        if title:
+            out += list(retriever.tokenizer.encode(title + "\n", add_special_tokens=False))
         for c in ids:
             _, s, size = (int(v) for v in db.chunks[c])
             out += np.asarray(db.tokens[s:s + size]).tolist()

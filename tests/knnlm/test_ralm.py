@@ -3,6 +3,7 @@ the search returns the evaluated document's own future text first, the LM is rec
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -121,7 +122,8 @@ def test_the_retriever_adapter_maps_chunks_to_documents_and_drops_the_evaluated_
     tok = GPT2TokenizerFast.from_pretrained(str(SHARED_DATA / "tokenizer_gpt2"))
     searcher = Searcher()
     retriever = Retriever(searcher, ChunkDB(arts["chunk_db"], arts["tokens"]), tok)
-    cfg = InContextRalmEvaluator.Config(stride=8, query_length=8, continuation=False)
+    cfg = InContextRalmEvaluator.Config(stride=8, query_length=8, continuation=False,
+                                        title=False)
     hits = retriever_search(retriever, cfg)([[400, 401]], 3)[0]
     assert [h.doc for h in hits] == [2, 0, 1]
     assert hits[1].tokens == tuple(docs[0]) and hits[1].score == 5.0
@@ -137,3 +139,12 @@ def test_the_retriever_adapter_maps_chunks_to_documents_and_drops_the_evaluated_
     assert all(b["docs"] == [0] and b["dropped"] == 1 for b in scorer.trace)
     assert not any(set(p) & set(docs[2][40:]) - set(np.asarray(seqs.tokens[0]).tolist())
                    for p in prompts)
+    # with `title` (the paper's title + "\n" + text) the corpus title leads the document
+    (arts["tokens"].path / "docs.jsonl").write_text("".join(
+        json.dumps({"id": f"d{i}", "title": f"Title {i}"}) + "\n" for i in range(3)))
+    titled = Retriever(searcher, ChunkDB(arts["chunk_db"], arts["tokens"]), tok)
+    cfg = InContextRalmEvaluator.Config(stride=8, query_length=8, continuation=False,
+                                        title=True, doc_tokens=44)
+    hit = retriever_search(titled, cfg)([[400]], 2)[0][1]
+    head = tok.encode("Title 0\n")
+    assert hit.tokens == tuple(head + docs[0])[:44]
