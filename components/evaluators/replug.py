@@ -81,8 +81,7 @@ def replug_generate(decoder: Any, tokenizer: Any, prompts: Sequence[Sequence[int
     """
     import torch
 
-    from retro.components.models.retro.generation import pad_id
-    from retro.components.models.retro.incremental import CachedRetro, as_retro, left_pad
+    from retro.components.models.retro.incremental import CachedRetro, as_retro
 
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     model = as_retro(decoder)
@@ -94,8 +93,7 @@ def replug_generate(decoder: Any, tokenizer: Any, prompts: Sequence[Sequence[int
     k = len(prompts)
     try:
         with torch.inference_mode():
-            state = CachedRetro(model, k)  # no retrieve: the decoder alone
-            logits = state.step(*left_pad(prompts, pad_id(tokenizer)))
+            state, logits = CachedRetro.prefill(model, prompts)  # the decoder alone
             for t in range(max_new_tokens):
                 log_p = torch.log_softmax(logits.double().cpu(), dim=-1)   # [k, V]
                 mix = mixture_step(log_post, log_p)

@@ -139,7 +139,7 @@ def test_batch_takes_one_retrieve_per_row_and_rows_without_one_get_no_cca():
                                       retrieve=[neighbours_of, None])
     assert with_nb.ids == generate(model, CharTokenizer(), prompt, 6, retrieve=neighbours_of).ids
     assert without.ids == generate(model, CharTokenizer(), prompt, 6, gate=0.0).ids
-    assert with_nb.retrieved_chunks == 2 and without.neighbours == [None, None]
+    assert with_nb.retrieved_chunks == 2 and without.retrieved_chunks == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -170,17 +170,18 @@ def test_left_padded_batch_logits_equal_each_rows_full_forward(family, retro):
                                        msg=f"row {r} step {t}")
 
 
-def test_prompt_fed_in_blocks_gives_the_same_tokens(monkeypatch):
-    """A prompt longer than PREFILL_BLOCK is fed in several column blocks (the cache then holds
-    earlier blocks: the mask must be causal across them)."""
-    from retro.components.models.retro import generation
-
+def test_blocks_of_columns_after_a_filled_cache_equal_one_block():
+    """CachedRetro.step with several columns while the cache already holds earlier ones (the
+    mask must be causal across blocks; chunks complete inside blocks)."""
     model = model_for("llama", True)
-    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-               for n in (2 * M + 7, 3 * M + 1)]
-    whole = generate_batch(model, CharTokenizer(), prompts, M + 3, retrieve=neighbours_of)
-    monkeypatch.setattr(generation, "PREFILL_BLOCK", 5)
-    blocks = generate_batch(model, CharTokenizer(), prompts, M + 3, retrieve=neighbours_of)
-    assert [g.ids for g in blocks] == [g.ids for g in whole]
-    assert [g.neighbours for g in blocks] == [g.neighbours for g in whole]
-
+    seq = torch.randint(0, 256, (3 * M + 9,), generator=torch.Generator().manual_seed(5)).tolist()
+    one = CachedRetro(model, 1, CharTokenizer(), [neighbours_of])
+    blocks = CachedRetro(model, 1, CharTokenizer(), [neighbours_of])
+    with torch.inference_mode():
+        whole = one.step(torch.tensor([seq]))
+        for a in range(0, len(seq), 7):
+            last = blocks.step(torch.tensor([seq[a:a + 7]]))
+    torch.testing.assert_close(last, whole, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(last[0], full_logits(model, seq, neighbours_of), atol=2e-5,
+                               rtol=1e-5)
+    assert blocks.neighbours == one.neighbours and len(one.neighbours[0]) == len(seq) // M

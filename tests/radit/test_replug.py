@@ -75,7 +75,8 @@ def test_identical_passages_give_the_single_passage_answer(lm):
     one = replug_generate(lm.model.decoder, lm.tokenizer, [prompt], np.array([1.0]), 6)
     two = replug_generate(lm.model.decoder, lm.tokenizer, [prompt, prompt],
                           np.array([0.4, 0.6]), 6)
-    assert one.ids == two.ids and two.logprob == pytest.approx(one.logprob, abs=1e-9)
+    # the k prompts decode as one batch: float32 logits round differently from a batch of 1
+    assert one.ids == two.ids and two.logprob == pytest.approx(one.logprob, abs=1e-5)
 
 
 def test_reading_comprehension_row_answers_from_its_own_paragraph(lm, shared_data):

@@ -40,10 +40,6 @@ def _pick(logits, top_k: Optional[int], temperature: float, generator) -> int:
     return int(indices[torch.multinomial(probs, 1, generator=generator)])
 
 
-PREFILL_BLOCK = 512
-"""Prompt columns fed per forward: attention scores stay [b, h, 512, prompt] at most."""
-
-
 def pad_id(tokenizer) -> int:
     """A token id for padding columns (never attended; any valid id works)."""
     for name in ("pad_token_id", "eos_token_id"):
@@ -70,7 +66,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
     """
     import torch
 
-    from retro.components.models.retro.incremental import CachedRetro, left_pad
+    from retro.components.models.retro.incremental import CachedRetro
 
     b = len(prompts)
     if b == 0:
@@ -91,10 +87,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
     pad = pad_id(tokenizer)
     try:
         with torch.inference_mode():
-            state = CachedRetro(model, b, tokenizer, retrieve)
-            ids, real = left_pad(prompts, pad)
-            for a in range(0, ids.shape[1], PREFILL_BLOCK):  # bounded attention memory
-                logits = state.step(ids[:, a:a + PREFILL_BLOCK], real[:, a:a + PREFILL_BLOCK])
+            state, logits = CachedRetro.prefill(model, prompts, tokenizer, retrieve)
             for t in range(max_new_tokens):
                 step = torch.full((b, 1), pad, dtype=torch.long)
                 for r in range(b):

@@ -81,7 +81,8 @@ class CachedRetro:
         batch: number of rows.
         tokenizer: decodes completed chunks for `retrieve`.
         retrieve: per row, `retrieve(chunk_text) -> neighbour ids` or None (that row retrieves
-            nothing). Ignored (no retrieval) without an encoder or with gate 0.
+            nothing and gets no CCA: its decoder alone). Ignored (no retrieval) without an
+            encoder or with gate 0.
     """
 
     def __init__(self, model, batch: int, tokenizer: Any = None,
@@ -106,6 +107,66 @@ class CachedRetro:
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._kv_mask = torch.zeros((batch, 0), dtype=torch.bool, device=self.device)
         self._pending: dict[tuple[int, int], tuple] = {}  # (row, chunk) encoded this call
+
+    @classmethod
+    def prefill(cls, model, prompts: Sequence[Sequence[int]], tokenizer: Any = None,
+                retrieve: Optional[Sequence[Retrieve]] = None
+                ) -> tuple["CachedRetro", torch.Tensor]:
+        """A state holding `prompts` (left-padded into one batch) and their last logits [b, V].
+
+        Each prompt runs alone first (unpadded, one block: causal attention with no mask,
+        SDPA's fast kernel; no compute on padding), then the per-row caches are merged, left
+        padded with masked zero keys. Only the decode steps run batched (there a [b, 1, 1, S]
+        mask is cheap)."""
+        b = len(prompts)
+        retrieve = list(retrieve) if retrieve is not None else [None] * b
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("prefill: no prompts, or an empty prompt")
+        rows, logits = [], []
+        for p, fetch in zip(prompts, retrieve):
+            row = cls(model, 1, tokenizer, [fetch])
+            logits.append(row.step(torch.as_tensor([[int(t) for t in p]], dtype=torch.long)))
+            rows.append(row)
+        if b == 1:
+            return rows[0], logits[0]
+        state = cls(model, b, tokenizer, retrieve)
+        state._merge(rows)
+        return state, torch.cat(logits)
+
+    def _merge(self, rows: list["CachedRetro"]) -> None:
+        """Adopt single-row states (same model) as this state's rows, left-padded."""
+        width = max(r.real.shape[1] for r in rows)
+        pad = [width - r.real.shape[1] for r in rows]
+        self.real = torch.stack([torch.nn.functional.pad(r.real[0], (p, 0), value=False)
+                                 for r, p in zip(rows, pad)])
+        for i, _ in enumerate(rows[0].cache.layers):
+            ks = [torch.nn.functional.pad(r.cache.layers[i].keys, (0, 0, p, 0))
+                  for r, p in zip(rows, pad)]
+            vs = [torch.nn.functional.pad(r.cache.layers[i].values, (0, 0, p, 0))
+                  for r, p in zip(rows, pad)]
+            self.cache.update(torch.cat(ks), torch.cat(vs), i)
+        self.n_real = [r.n_real[0] for r in rows]
+        self.tokens = [r.tokens[0] for r in rows]
+        self.neighbours = [r.neighbours[0] for r in rows]
+        self._states = [r._states[0] for r in rows]
+        widths = [r._kv_mask.shape[1] for r in rows if r._kv]
+        if widths:  # each row's current chunk keys/values, padded to the widest
+            w = max(widths)
+            self._kv_mask = torch.zeros((self.b, w), dtype=torch.bool, device=self.device)
+            for n, r in enumerate(rows):
+                if r._kv:
+                    self._kv_mask[n, :r._kv_mask.shape[1]] = r._kv_mask[0]
+            arch = self.model.arch
+            for i in self.cca_ids:
+                dtype = next(r._kv[i][0].dtype for r in rows if r._kv)
+                K = torch.zeros((self.b, arch.heads, w, arch.head_dim), dtype=dtype,
+                                device=self.device)
+                V = torch.zeros_like(K)
+                for n, r in enumerate(rows):
+                    if r._kv:
+                        K[n, :, :r._kv[i][0].shape[2]] = r._kv[i][0][0]
+                        V[n, :, :r._kv[i][1].shape[2]] = r._kv[i][1][0]
+                self._kv[i] = (K, V)
 
     @property
     def retrieved_chunks(self) -> list[int]:
@@ -148,11 +209,11 @@ class CachedRetro:
         for r, c, t in zip(rows.tolist(), cols.tolist(), values):
             self.tokens[r].append(int(t))
             self.n_real[r] += 1
-            if self.n_real[r] % self.m == 0 and self.use_retrieval:
+            fetch = self.retrieve[r]
+            if self.n_real[r] % self.m == 0 and self.use_retrieval and fetch is not None:
                 j = self.n_real[r] // self.m - 1
-                fetch = self.retrieve[r]
                 text = self.tokenizer.decode(self.tokens[r][j * self.m:(j + 1) * self.m])
-                self.neighbours[r].append(fetch(text) if fetch is not None else None)
+                self.neighbours[r].append(fetch(text))
                 done.append((r, j, c))
         return done
 
@@ -177,6 +238,8 @@ class CachedRetro:
         ends = {(r, c): j for r, j, c in completed}
         states, blocks, owners = [], [], []
         for r in range(self.b):
+            if self.retrieve[r] is None:  # this row never retrieves: its CCA stays zero
+                continue
             run = self._states[r]
             for c in torch.nonzero(real[r], as_tuple=True)[0].tolist():
                 run.append(x[r, c])
