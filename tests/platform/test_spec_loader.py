@@ -71,7 +71,7 @@ def test_defaults_are_filled_and_dump_round_trips(tmp_path):
     loaded = load_spec(spec)
     dumped = loaded.spec.model_dump(mode="json")
     assert dumped["recipe"] == {"type": "toy", "n": 8, "factor": 2, "offset": 0, "sleep": 0.0,
-                                "fail": None, "label": ""}
+                                "fail": None, "label": "", "miswire": None}
     assert dumped["tracking"][0]["type"]  # the default tracker was chosen
     again = write(tmp_path, "again.yaml", __import__("yaml").safe_dump(dumped))
     assert load_spec(again).spec == loaded.spec

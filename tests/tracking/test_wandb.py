@@ -58,7 +58,7 @@ def test_config_is_the_resolved_spec_of_the_variant(tracked_sweep):
     for variant, offset in (("offset=0", 0), ("offset=7", 7)):
         config = by_variant[variant]["summary"]["config"]
         assert config["recipe"] == {"type": "toy", "n": 10, "factor": 2, "offset": offset,
-                                    "sleep": 0.0, "fail": None, "label": ""}
+                                    "sleep": 0.0, "fail": None, "label": "", "miswire": None}
         assert config["tracking"][0]["mode"] == "offline"
         assert config["retro"]["stage"] == "total"
         # summary metric logged at the end of the stage
