@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Optional
+from typing import Any
 
 from retro.components.training.memory import (ModelShape, Workload, checkpoint_every,
                                               model_shape, plan_rows, retrieved_length)
@@ -15,8 +15,8 @@ FIT_STAGES = {"gpt-pretrain": False, "retro-fit": True, "gpt-fit": False}
 INSTRUCT_STAGES = {"instruct-retro": True, "instruct-gpt": False}
 
 
-def memory_info(spec: Any, name: str, vocab_size: Optional[int],
-                neighbours: Optional[int]) -> dict[str, str]:
+def memory_info(spec: Any, name: str, vocab_size: int | None,
+                neighbours: int | None) -> dict[str, str]:
     """Memory rows of training call `name` ({} for any other stage or without a model)."""
     from retro.platform.plan import stage_resources
 
@@ -51,7 +51,7 @@ def memory_info(spec: Any, name: str, vocab_size: Optional[int],
 
 
 @functools.lru_cache(maxsize=32)
-def _shape(node_json: str, vocab_size: Optional[int], chunk: int) -> ModelShape:
+def _shape(node_json: str, vocab_size: int | None, chunk: int) -> ModelShape:
     from retro.components.models.retro.build import build_model
     from retro.platform.registry import registry
 

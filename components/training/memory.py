@@ -31,7 +31,7 @@ are that many. Full activation checkpointing keeps only each block's input (thei
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Optional
+from typing import Any
 
 GiB = 2**30
 
@@ -236,7 +236,7 @@ def fix_hint(m: ModelShape, w: Workload, device_bytes: float) -> str:
 
 
 # ------------------------------------------------------------------------------ from a model
-def model_shape(model: Any, units: Optional[list] = None) -> ModelShape:
+def model_shape(model: Any, units: list | None = None) -> ModelShape:
     """`ModelShape` of a built (meta-device) RetroForCausalLM.
 
     Args:
@@ -280,7 +280,7 @@ def checkpoint_every(setting: Any) -> int:
     return int(setting)
 
 
-def device_bytes(resources: Any) -> Optional[float]:
+def device_bytes(resources: Any) -> float | None:
     """The declared device memory in bytes (`gpu_memory_gb` wins over `device`), or None."""
     gb = getattr(resources, "gpu_memory_gb", None)
     if gb is None and getattr(resources, "device", None):
