@@ -185,3 +185,14 @@ def test_blocks_of_columns_after_a_filled_cache_equal_one_block():
     torch.testing.assert_close(last[0], full_logits(model, seq, neighbours_of), atol=2e-5,
                                rtol=1e-5)
     assert blocks.neighbours == one.neighbours and len(one.neighbours[0]) == len(seq) // M
+
+
+def test_cached_generation_runs_under_bf16_autocast():
+    """precision bf16 runs generation under CPU autocast: bf16 attention outputs meet the fp32
+    residual stream (a prompt with several chunks goes through the block CCA path)."""
+    model = model_for("gpt2", True)
+    prompts = [list(range(97, 97 + n)) for n in (5, 2 * M + 7)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate_batch(model, CharTokenizer(), prompts, M + 4, retrieve=neighbours_of)
+    assert [len(g.ids) for g in out] == [M + 4] * 2
+    assert [g.retrieved_chunks for g in out] == [(5 + M + 3) // M, (2 * M + 7 + M + 3) // M]

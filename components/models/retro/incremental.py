@@ -308,8 +308,8 @@ class CachedRetro:
             for j in torch.unique(chunk[r, cols]).tolist():
                 sel = cols[chunk[r, cols] == j]
                 (k, v), mask = self._chunk_kv(r, j, i)
-                out[r, sel] = attn(x[r:r + 1, sel], key_mask=mask[None],
-                                   kv=(k[None], v[None]))[0]
+                y = attn(x[r:r + 1, sel], key_mask=mask[None], kv=(k[None], v[None]))[0]
+                out[r, sel] = y.to(out.dtype)  # autocast: bf16 attention, fp32 residual
         return out
 
     def _chunk_kv(self, r: int, j: int, i: int):
