@@ -34,6 +34,7 @@ from typing import Any, Iterable
 from retro.platform.errors import InputDataError
 from retro.platform.spec.types import DataInput, data_inputs
 from retro.platform.store import write_json_atomic
+from importlib import metadata
 
 CACHE_FILE = Path(".cache") / "data-hashes.json"
 MAGIC = "*?["
@@ -216,7 +217,6 @@ def _glob_base(pattern: str) -> str:
 @lru_cache(maxsize=None)
 def _package_info(name: str) -> dict[str, Any]:
     """{name, version} of an installed distribution (or the one providing import `name`)."""
-    from importlib import metadata
 
     try:
         dist = metadata.distribution(name)

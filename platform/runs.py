@@ -27,6 +27,7 @@ from retro.platform.secrets import restore_env_placeholders
 from retro.platform.spec import LoadedSpec
 from retro.platform.spec.types import data_inputs
 from retro.platform.store import write_json_atomic
+from retro.platform.errors import UserError
 
 PACKAGES = ("retro", "torch", "ray", "faiss-cpu", "faiss-gpu", "transformers", "tokenizers",
             "wandb", "pydantic", "numpy", "safetensors")
@@ -170,7 +171,6 @@ def find_runs(runs_dir: Path) -> list[RunRecord]:
 
 def resolve_run(ref: str, runs_dir: Path) -> RunRecord:
     """A run by folder path, folder name, or unique name prefix."""
-    from retro.platform.errors import UserError
 
     p = Path(ref)
     if (p / "plan.json").exists():

@@ -38,9 +38,10 @@ from typing import Any, Callable, Generic, Iterable, Protocol, TypeVar
 from pydantic import BaseModel
 
 from retro.platform.errors import SpecIssue
-from retro.platform.registry import StrictModel, register
+from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.model import ResourceRequest
 from retro.platform.store import Artifact
+from retro.platform.timing import Timings, merge
 
 
 class StageParams(StrictModel):
@@ -153,7 +154,6 @@ class StageCall:
 
 def typed_params(stage_type: str, values: dict[str, Any]) -> BaseModel:
     """`values` validated into the params model of stage `stage_type` (tests, tools)."""
-    from retro.platform.registry import registry
 
     registry.load_plugins()
     return registry.get("stage", stage_type).obj.params.model_validate(values)
@@ -259,13 +259,11 @@ class StageContext(Generic[P]):
     def timer(self, name: str) -> Any:
         """`with ctx.timer("forward"):` adds the block's wall time to the manifest's
         `summary.time_s[name]` (names: forward, search, io, ...; platform/timing.py)."""
-        from retro.platform.timing import Timings
 
         return Timings(self.summary.setdefault("time_s", {}))(name)
 
     def add_times(self, seconds: dict[str, float] | None) -> None:
         """Add time measured elsewhere (a shard's or worker's `Timings.as_dict()`)."""
-        from retro.platform.timing import merge
 
         self.summary["time_s"] = merge(self.summary.get("time_s"), seconds)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from retro.platform.errors import ArtifactError
+import numpy as np
 
 MANIFEST = "manifest.json"
 
@@ -161,7 +162,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def open_memmap(path: str | Path, dtype: Any = None, shape: tuple | None = None,
                 mode: str = "r"):
     """Open (mode r/r+) or create (mode w+, needs dtype and shape) a .npy memmap."""
-    import numpy as np
 
     if mode == "w+":
         return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 from pydantic import Field
 
 from retro.platform.errors import InputDataError
-from retro.platform.registry import StrictModel
+from retro.platform.registry import StrictModel, registry
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,6 @@ class BaseCorpus:
         self.config = config
 
     def __reduce__(self):  # configs are dynamic pydantic classes: ship the JSON, rebuild there
-        from retro.platform.registry import registry
 
         return (registry.build, ("corpus", self.config.model_dump(mode="json")))
 

@@ -32,9 +32,15 @@ from pydantic import Field
 
 from retro.components.evaluators.ablation import EvalParams, ablation_call, evaluator_settings
 from retro.components.evaluators.results import declare_ppl
-from retro.components.precision import Precision, autocast, stage_precision
+from retro.components.precision import Precision, autocast, precision_info, stage_precision
 from retro.platform.registry import StrictModel, register
 from retro.platform.stage import Slot, StageCall, StageContext, stage
+from retro.components.evaluators.lm import find_model_dir, load_eval_lm, token_nll
+from retro.components.evaluators.ppl_inputs import (in_context_prompt, text_targets,
+                                                    token_byte_lengths, trained_neighbours)
+from retro.components.retrieval.api import Sequences, load_tokenizer
+from retro.components.training.neighbours import DBNeighbours
+from retro.platform.errors import UserError
 
 # What an eval-ppl call's result depends on, by what it is wired with (positive lists; a test
 # checks every Config field is in one of them).
@@ -129,8 +135,6 @@ _NB = "with neighbours (Retro encoder or retrieval_context): "
 
 
 def _estimate(params: EvalParams) -> dict[str, Any]:
-    from retro.components.precision import precision_info
-
     return precision_info(params, "evaluator")
 
 
@@ -151,8 +155,6 @@ def eval_ppl(ctx: StageContext[EvalParams]) -> dict[str, Any]:
     """
     import torch
 
-    from retro.components.evaluators.lm import load_eval_lm, token_nll
-    from retro.components.retrieval.api import Sequences, load_tokenizer
 
     cfg = settings(ctx.params)
     seqs = Sequences(ctx.inputs["sequences"])
@@ -162,7 +164,6 @@ def eval_ppl(ctx: StageContext[EvalParams]) -> dict[str, Any]:
     if not cfg.encoder:
         lm.set_gate(0.0)
     source = _neighbour_source(ctx, cfg)
-    from retro.platform.errors import UserError
 
     if cfg.retrieval_context and source is None:
         raise UserError(f"stage {ctx.name}: retrieval_context needs `neighbours`, `chunk_db` "
@@ -178,7 +179,6 @@ def eval_ppl(ctx: StageContext[EvalParams]) -> dict[str, Any]:
                         f"{source.db.chunk_length}; they must agree")
     n = min(len(seqs), cfg.max_sequences or len(seqs))
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
-    from retro.components.evaluators.ppl_inputs import text_targets, token_byte_lengths
 
     byte_lengths = token_byte_lengths(tokenizer)   # document bytes per token; EOD has none
     text_nll = 0.0
@@ -231,10 +231,7 @@ def eval_ppl(ctx: StageContext[EvalParams]) -> dict[str, Any]:
 def _neighbour_source(ctx: StageContext, cfg: PplEvaluator.Config) -> Any:
     if not {"neighbours", "chunk_db", "tokens"} <= set(ctx.inputs):
         return None
-    from retro.components.training.neighbours import DBNeighbours
 
-    from retro.components.evaluators.lm import find_model_dir
-    from retro.components.evaluators.ppl_inputs import trained_neighbours
 
     # what the model trained with (the recipe's `train_neighbours`, else retro-fit's record in
     # training.json) unless the node says otherwise
@@ -251,8 +248,6 @@ def _in_context_nll(lm: Any, toks: Any, nb_tokens: np.ndarray, m: int,
     that fit the window (`ppl_inputs.in_context_prompt`)."""
     import torch
 
-    from retro.components.evaluators.lm import token_nll
-    from retro.components.evaluators.ppl_inputs import in_context_prompt
 
     b, n = toks.shape
     pad_id = int(lm.tokenizer.eos_token_id)       # the DB tokenizer's EOD: the chunks' padding

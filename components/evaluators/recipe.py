@@ -18,6 +18,9 @@ from typing import Any
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
 from retro.platform.stage import BaseRecipe, StageCall
+from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
+from retro.components.retrieval.api import db_stage_calls
+from retro.components.retrieval.recipe import db_spec_issues, resolve_db
 
 
 @register("recipe", "rag-eval")
@@ -30,8 +33,6 @@ class RagEvalRecipe(BaseRecipe):
 
 
     def check(self, spec: Any) -> list[SpecIssue]:
-        from retro.components.retrieval.recipe import db_spec_issues
-
         issues = db_spec_issues(spec)
         gguf = getattr(spec.model, "init_gguf", None) if spec.model is not None else None
         if gguf is None:
@@ -49,14 +50,9 @@ class RagEvalRecipe(BaseRecipe):
         return issues
 
     def resolve(self, spec: Any) -> Any:
-        from retro.components.retrieval.recipe import resolve_db
-
         return resolve_db(spec)
 
     def stages(self, spec: Any) -> list[StageCall]:
-        from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
-        from retro.components.retrieval.api import db_stage_calls
-
         model = StageCall("import-gguf", "import-gguf", reads={"source": "model.init_gguf"})
         db = db_stage_calls(spec, splits=())
         calls = [model, *db]

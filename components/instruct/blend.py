@@ -16,6 +16,7 @@ import numpy as np
 from retro.components.instruct.render import SYSTEM, encode
 from retro.components.instruct.sources import Loaded
 from retro.platform.errors import UserError
+from retro.platform.store import open_memmap
 
 
 @dataclass
@@ -102,7 +103,6 @@ def write_rows(parts: list[Part], loaded: Sequence[Loaded], which: str, out: Any
                system: str = SYSTEM) -> dict[str, int]:
     """Render and tokenize the `which` ("train"/"eval") records into `<out>_tokens.npy` and
     `<out>_mask.npy` (rows in blend order); returns counts (rows, truncated)."""
-    from retro.platform.store import open_memmap
 
     n = sum(len(getattr(p, which)) for p in parts)
     if n == 0:                            # numpy cannot memmap an empty file

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from retro.platform.errors import InputDataError
+from retro.components.evaluators.metrics import normalize_answer
+from retro.components.evaluators.qa_data import load_questions
+from retro.components.instruct.sources import Loaded
 
 
 def qa_eval_sets(spec: Any) -> list[dict[str, Any]]:
@@ -20,7 +23,6 @@ def qa_eval_sets(spec: Any) -> list[dict[str, Any]]:
 
 def eval_questions(sets: Sequence[dict[str, Any]]) -> set[str]:
     """Normalised question texts of the given QA evaluation sets."""
-    from retro.components.evaluators.qa_data import load_questions
 
     out: set[str] = set()
     for s in sets:
@@ -42,7 +44,6 @@ def drop_eval_questions(nodes: Sequence[Any], loaded: Sequence[Any], banned: set
     Raises:
         InputDataError: a source has nothing left.
     """
-    from retro.components.instruct.sources import Loaded
 
     if not banned:
         return list(loaded), 0
@@ -58,6 +59,4 @@ def drop_eval_questions(nodes: Sequence[Any], loaded: Sequence[Any], banned: set
 
 
 def normalise(text: str) -> str:
-    from retro.components.evaluators.metrics import normalize_answer
-
     return normalize_answer(text)

@@ -16,6 +16,17 @@ from typing import Any, Optional
 from retro.platform.errors import UserError
 from retro.platform.spec.node import Node
 from retro.platform.stage import Slot, StageContext, StageParams, stage
+import numpy as np
+from retro.components.instruct.blend import realize, write_rows
+from retro.components.instruct.holdout import drop_eval_questions, eval_questions
+from retro.components.instruct.sources import load_source
+from retro.components.precision import precision_info
+from retro.components.retrieval.api import Retriever
+from retro.components.tokenizers.stage import load_tokenizer
+from retro.components.training.data import NpyRows
+from retro.components.training.models import export, load_trained, tokenizer_meta
+from retro.components.training.neighbours import retrieve_for_rows
+from retro.components.training.stages import _run, db_neighbours
 
 
 class InstructParams(StageParams):
@@ -29,8 +40,6 @@ class InstructParams(StageParams):
 
 
 def _precision_estimate(params: Any) -> dict[str, str]:
-    from retro.components.precision import precision_info
-
     return precision_info(params, "instruct")
 
 
@@ -54,12 +63,6 @@ def instruct(ctx: StageContext[InstructParams]) -> dict:
     Files: the model directory (`models.export`: decoder/ + tokenizer, retro_config.json,
     retro.safetensors, training.json holding the realized blend).
     """
-    from retro.components.instruct.blend import realize, write_rows
-    from retro.components.instruct.sources import load_source
-    from retro.components.tokenizers.stage import load_tokenizer
-    from retro.components.training.data import NpyRows
-    from retro.components.training.models import export, load_trained, tokenizer_meta
-    from retro.components.training.stages import _run
 
     cfg = ctx.params.instruct
     init = Path(ctx.inputs["init"].path)
@@ -68,7 +71,6 @@ def instruct(ctx: StageContext[InstructParams]) -> dict:
     retriever = _retriever(ctx) if retrieval else None           # missing inputs fail here
     seq_length = cfg.seq_length or _context_length(retro_cfg)
     loaded = [load_source(node) for node in cfg.blend]          # every data error, up front
-    from retro.components.instruct.holdout import drop_eval_questions, eval_questions
 
     loaded, excluded = drop_eval_questions(cfg.blend, loaded,
                                            eval_questions(ctx.params.exclude_questions))
@@ -111,7 +113,6 @@ def instruct(ctx: StageContext[InstructParams]) -> dict:
 
 def _retriever(ctx: Any) -> Any:
     """The DB retriever for SFT with retrieval on (the spec's `retriever` and the DB stages)."""
-    from retro.components.retrieval.api import Retriever
 
     if ctx.params.retriever is None:
         raise UserError("instruct.retrieval: true needs the recipe to pass the `retriever` "
@@ -124,10 +125,7 @@ def _neighbours(ctx: Any, retriever: Any, tokenizer: Any, prefix: Path, seq_leng
                 chunk_length: int, eod: int) -> Any:
     """Retrieve every chunk's neighbours of the rendered rows once, before training; returns
     the worker-side reader."""
-    import numpy as np
 
-    from retro.components.training.neighbours import retrieve_for_rows
-    from retro.components.training.stages import db_neighbours
 
     k = ctx.params.retriever.neighbours.k
     tokens = np.load(f"{prefix}_tokens.npy", mmap_mode="r")

@@ -13,7 +13,8 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from retro.components.precision import Precision
-from retro.platform.registry import StrictModel, register
+from retro.components.retrieval import faiss_index  # noqa: F401 - registers the `faiss` index
+from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.node import Node
 
 PROTOCOL_FIELDS = ("split", "max_sequences", "batch_size", "precision")
@@ -34,8 +35,6 @@ RALM_FIELDS = PROTOCOL_FIELDS + ("stride", "query_length", "docs", "ensemble",
 def default_index() -> object:
     """The kNN-LM index default, a validated node (a narrowed node's unpicked fields take their
     defaults unvalidated): exact `Flat` search with metric l2 (squared L2, the paper's)."""
-    from retro.components.retrieval import faiss_index  # noqa: F401 - registers `faiss`
-    from retro.platform.registry import registry
 
     return registry.get("index", "faiss").node_model().model_validate(
         {"type": "faiss", "factory": "Flat", "metric": "l2"})

@@ -25,13 +25,15 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field
 
-from retro.components.precision import Precision
+from retro.components.precision import Precision, autocast, stage_precision
 from retro.components.retrieval.chunking import SPLITS
 from retro.components.retrieval.common import done_marker, read_meta, run_shards, \
     shard_ranges, write_meta
 from retro.platform.errors import UserError
 from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
+from retro.components.evaluators.lm import load_eval_lm
+from retro.components.knnlm.keys import forward_keys
 
 KEYS, VALUES, DOCS = "embeddings.npy", "values.npy", "docs.npy"
 _ROWS_PER_SHARD = 65_536     # datastore rows per shard: resume and progress granularity
@@ -80,7 +82,6 @@ def knn_datastore(ctx: StageContext[KnnDatastoreParams]) -> dict[str, Any]:
     Files: `embeddings.npy` [N, d] float32|float16 (the keys), `values.npy` int32 [N],
     `docs.npy` int64 [N], `meta.json` {n, dim, dtype, key, seq_length, n_seq}.
     """
-    from retro.components.precision import stage_precision
 
     seq_meta = read_meta(ctx.inputs["sequences"].path)
     if seq_meta["split"] != "train":
@@ -120,8 +121,6 @@ def _probe(ctx: StageContext) -> tuple[int, int]:
     """(key width, vocabulary) of the model, checked against the DB tokenizer."""
     import torch
 
-    from retro.components.evaluators.lm import load_eval_lm
-    from retro.components.knnlm.keys import forward_keys
 
     lm = load_eval_lm(ctx.inputs["model"].path, ctx.inputs["tokenizer"].path, threads=1)
     check_plain_lm(lm, ctx.name)
@@ -147,9 +146,6 @@ def _write_rows(path: Path, header: int, row_bytes: int, start: int, data: np.nd
 def _datastore_shard(job: dict) -> None:
     import torch
 
-    from retro.components.evaluators.lm import load_eval_lm
-    from retro.components.knnlm.keys import forward_keys
-    from retro.components.precision import autocast
 
     work = Path(job["work"])
     marker = done_marker(work, f"shard-{job['a']:012d}")

@@ -21,6 +21,15 @@ from retro.components.evaluators.ablation import EvalParams, evaluator_settings
 from retro.components.knnlm import knn
 from retro.platform.spec.node import Node
 from retro.platform.stage import StageContext, stage
+from retro.components.evaluators.lm import load_eval_lm
+from retro.components.knnlm.datastore import Datastore, check_plain_lm
+from retro.components.knnlm.keys import forward_keys
+from retro.components.knnlm.scoring import SequenceRows, check_vocab, declare
+from retro.components.precision import autocast, stage_precision
+from retro.components.retrieval.api import Sequences, load_tokenizer
+from retro.components.retrieval.common import build_component
+from retro.components.retrieval.faiss_index import FILLED
+from retro.platform.errors import UserError
 
 _GATHER_FLOATS = 1 << 24   # query block: at most this many gathered key floats at once
 
@@ -48,15 +57,6 @@ def eval_knnlm(ctx: StageContext[EvalKnnParams]) -> dict[str, Any]:
     """
     import torch
 
-    from retro.components.evaluators.lm import load_eval_lm
-    from retro.components.knnlm.datastore import Datastore, check_plain_lm
-    from retro.components.knnlm.keys import forward_keys
-    from retro.components.knnlm.scoring import SequenceRows, check_vocab, declare
-    from retro.components.precision import autocast, stage_precision
-    from retro.components.retrieval.api import Sequences, load_tokenizer
-    from retro.components.retrieval.common import build_component
-    from retro.components.retrieval.faiss_index import FILLED
-    from retro.platform.errors import UserError
 
     cfg = evaluator_settings(ctx.params)
     seqs = Sequences(ctx.inputs["sequences"])

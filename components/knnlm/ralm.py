@@ -33,6 +33,11 @@ import numpy as np
 from retro.components.evaluators.ablation import EvalParams, evaluator_settings
 from retro.platform.spec.node import Node
 from retro.platform.stage import Slot, StageContext, stage
+from retro.components.evaluators.lm import load_eval_lm
+from retro.components.knnlm.datastore import check_plain_lm
+from retro.components.knnlm.scoring import SequenceRows, check_vocab, declare
+from retro.components.precision import autocast, stage_precision
+from retro.components.retrieval.api import Retriever, Sequences
 
 
 @dataclass(frozen=True)
@@ -212,11 +217,6 @@ def eval_ralm(ctx: StageContext[EvalRalmParams]) -> dict[str, Any]:
     """
     import torch
 
-    from retro.components.evaluators.lm import load_eval_lm
-    from retro.components.knnlm.datastore import check_plain_lm
-    from retro.components.knnlm.scoring import SequenceRows, check_vocab, declare
-    from retro.components.precision import autocast, stage_precision
-    from retro.components.retrieval.api import Retriever, Sequences
 
     cfg = evaluator_settings(ctx.params)
     seqs = Sequences(ctx.inputs["sequences"])

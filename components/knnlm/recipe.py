@@ -25,6 +25,10 @@ from retro.components.knnlm.config import DATASTORE_FIELDS, KNN_FIELDS, PROTOCOL
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
 from retro.platform.stage import BaseRecipe, Pick, StageCall
+from retro.components.evaluators.ppl import eval_ppl_calls
+from retro.components.radit.recipe import base_lm_call
+from retro.components.retrieval.recipe import (db_spec_issues, db_stage_calls, resolve_db,
+                                               retriever_inputs)
 
 EVALUATORS = ("ppl", "knn-lm", "in-context-ralm")
 
@@ -39,8 +43,6 @@ class FamiliesRecipe(BaseRecipe):
         the same tokens 1..n-1 of each held-out sequence."""
 
     def check(self, spec: Any) -> list[SpecIssue]:
-        from retro.components.retrieval.recipe import db_spec_issues
-
         issues = db_spec_issues(spec)
         if spec.model is None or not spec.model.has_init:
             issues.append(SpecIssue("model", "families evaluates a pretrained LM",
@@ -62,15 +64,9 @@ class FamiliesRecipe(BaseRecipe):
         return issues
 
     def resolve(self, spec: Any) -> Any:
-        from retro.components.retrieval.recipe import resolve_db
-
         return resolve_db(spec)
 
     def stages(self, spec: Any) -> list[StageCall]:
-        from retro.components.evaluators.ppl import eval_ppl_calls
-        from retro.components.radit.recipe import base_lm_call
-        from retro.components.retrieval.recipe import db_stage_calls, retriever_inputs
-
         ralm = any(e.type == "in-context-ralm" for e in spec.eval)
         db = db_stage_calls(spec, splits=())
         if not ralm:   # kNN-LM and the baseline need the tokens and splits only

@@ -13,6 +13,7 @@ from retro.components.evaluators.results import family
 from retro.components.knnlm.config import PROTOCOL_FIELDS
 from retro.platform.errors import UserError
 from retro.platform.results import ItemSet, MetricDecl, Results, write_results
+from retro.components.evaluators.ppl_inputs import token_byte_lengths
 
 
 class SequenceRows:
@@ -20,8 +21,6 @@ class SequenceRows:
     lm_text_nll, ...}; `lm_*` is the same frozen LM without retrieval, from the same pass."""
 
     def __init__(self, out_dir: Any, tokenizer: Any):
-        from retro.components.evaluators.ppl_inputs import token_byte_lengths
-
         self.byte_lengths = token_byte_lengths(tokenizer)   # EOD and specials have no bytes
         self.fh = open(out_dir / "per_sequence.jsonl", "w")
         self.totals = {"nll": 0.0, "lm_nll": 0.0, "text_nll": 0.0, "lm_text_nll": 0.0,

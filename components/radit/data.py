@@ -23,6 +23,11 @@ from retro.components.instruct.sources import (Conversation, Loaded, SourceConfi
                                                json_array_records, jsonl_records, require)
 from retro.platform.errors import InputDataError
 from retro.platform.registry import register, registry
+import gzip
+from retro.components.evaluators.metrics import normalize_answer
+from retro.components.evaluators.qa_data import load_questions
+from retro.components.instruct.blend import realize
+from retro.components.instruct.sources import load_source
 
 
 @dataclass
@@ -77,7 +82,6 @@ class QAPairs:
 
 def _records(files: list[Path]) -> Iterator[tuple[str, Any]]:
     """Records of JSON-array or JSONL files (decided by the first character)."""
-    import gzip
 
     for f in files:
         opener = gzip.open if f.suffix == ".gz" else open
@@ -135,8 +139,6 @@ def load_examples(nodes: Sequence[Any], total: int, eval_samples: int, seed: int
     Raises:
         InputDataError: a source is unreadable or has nothing left after the exclusion.
     """
-    from retro.components.instruct.blend import realize
-    from retro.components.instruct.sources import load_source
 
     banned = eval_questions(exclude)
     loaded, excluded = [], 0
@@ -166,7 +168,6 @@ def load_examples(nodes: Sequence[Any], total: int, eval_samples: int, seed: int
 
 def eval_questions(sets: Sequence[dict[str, Any]]) -> set[str]:
     """Normalised question texts of the given QA evaluation sets."""
-    from retro.components.evaluators.qa_data import load_questions
 
     out: set[str] = set()
     for s in sets:
@@ -177,6 +178,4 @@ def eval_questions(sets: Sequence[dict[str, Any]]) -> set[str]:
 
 
 def _norm(text: str) -> str:
-    from retro.components.evaluators.metrics import normalize_answer
-
     return normalize_answer(text)

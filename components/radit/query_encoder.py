@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from retro.platform.errors import UserError
+from retro.components.retrieval.common import build_component
 
 
 class QueryEncoder:
@@ -26,8 +27,6 @@ class QueryEncoder:
     """
 
     def __init__(self, embedder_node: dict[str, Any], device: str = "cpu"):
-        from retro.components.retrieval.common import build_component
-
         if embedder_node.get("type", "hf-mean-pool") != "hf-mean-pool":
             raise UserError(f"RA-DIT fine-tunes an hf-mean-pool query encoder, not "
                             f"{embedder_node.get('type')!r} (retriever.embedder.type)")

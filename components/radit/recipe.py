@@ -24,6 +24,9 @@ from retro.components.radit.config import LSRConfig
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
 from retro.platform.stage import BaseRecipe, StageCall
+from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
+from retro.components.retrieval.api import call, db_stage_calls, retriever_inputs
+from retro.components.retrieval.recipe import db_spec_issues, resolve_db
 
 RETRIEVER_READS = {"retriever_type": "retriever.type", "embedder": "retriever.embedder",
                    "index": "retriever.index"}
@@ -52,8 +55,6 @@ class RaDitRecipe(BaseRecipe):
 
 
     def check(self, spec: Any) -> list[SpecIssue]:
-        from retro.components.retrieval.recipe import db_spec_issues
-
         issues = db_spec_issues(spec)
         if spec.model is None or spec.model.type != "hf-causal-lm":
             issues.append(SpecIssue("model", "ra-dit tunes a pretrained causal LM (the base LM)",
@@ -76,13 +77,9 @@ class RaDitRecipe(BaseRecipe):
         return issues
 
     def resolve(self, spec: Any) -> Any:
-        from retro.components.retrieval.recipe import resolve_db
-
         return resolve_db(spec)
 
     def stages(self, spec: Any) -> list[StageCall]:
-        from retro.components.retrieval.api import call, db_stage_calls, retriever_inputs
-
         exclude = exclude_questions(spec)
         base = base_lm_call(spec)
         calls = [base, *db_stage_calls(spec, splits=())]
@@ -100,8 +97,6 @@ class RaDitRecipe(BaseRecipe):
 
     def _evals(self, spec: Any, db: list[StageCall], made: dict[str, StageCall]
                ) -> list[StageCall]:
-        from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
-
         calls: list[StageCall] = []
         qa = [i for i, e in enumerate(spec.eval) if e.type == "qa"]
         wanted = self.config.variants

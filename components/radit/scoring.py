@@ -16,6 +16,7 @@ import numpy as np
 
 from retro.components.radit.data import Example
 from retro.components.evaluators.prompts import cut_tokens, with_background
+from retro.components.instruct.render import encode
 
 
 def render_rows(examples: Sequence[Example], chunks: Sequence[Sequence[str]], tokenizer: Any,
@@ -23,7 +24,6 @@ def render_rows(examples: Sequence[Example], chunks: Sequence[Sequence[str]], to
                 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows [n * k, seq_length + 1] (tokens int32, answer-loss mask uint8) for each example
     with each of its chunks, in example-major order; also the count of truncated rows."""
-    from retro.components.instruct.render import encode
 
     tokenize = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     toks, masks, cut = [], [], 0

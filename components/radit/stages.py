@@ -26,6 +26,20 @@ from retro.platform.registry import StrictModel
 from retro.platform.spec.node import Node
 from retro.platform.spec.types import DataPath
 from retro.platform.stage import Slot, StageContext, StageParams, stage
+import shutil
+from retro.components.evaluators.lm import (RETRO_CONFIG, find_model_dir, find_tokenizer_dir,
+                                            load_eval_lm)
+from retro.components.evaluators.prompts import cut_tokens, with_background
+from retro.components.instruct.render import encode, render
+from retro.components.radit.lsr import (kl_loss, lm_scores, lsr_target, retriever_log_probs,
+                                        retriever_scores)
+from retro.components.radit.query_encoder import QueryEncoder
+from retro.components.radit.scoring import answer_logprobs, render_rows
+from retro.components.retrieval.api import Retriever
+from retro.components.retrieval.common import build_component
+from retro.components.training.data import GlobalBatchSampler, NpyRows
+from retro.components.training.models import export, load_trained
+from retro.components.training.stages import _run
 
 QUERY_ENCODER = "query_encoder"
 
@@ -73,7 +87,6 @@ def _flat(params: StageParams) -> dict[str, Any]:
 def build_retriever(params: dict[str, Any], inputs: dict[str, Any]) -> Any:
     """The spec's retriever over the DB artifacts; a `query_encoder` input (an `lsr` artifact)
     replaces the embedder for queries only."""
-    from retro.components.retrieval.api import Retriever
 
     node = {"type": params["retriever_type"],
             **{k: params[k] for k in ("embedder", "index", "stopwords") if k in params}}
@@ -88,8 +101,6 @@ def build_retriever(params: dict[str, Any], inputs: dict[str, Any]) -> Any:
 
 def query_encoder_embedder(embedder_node: dict[str, Any], artifact: Any) -> Any:
     """An `hf-mean-pool` embedder with the spec's pooling over a fine-tuned encoder folder."""
-    from retro.components.evaluators.lm import find_model_dir
-    from retro.components.retrieval.common import build_component
 
     folder = find_model_dir(Path(getattr(artifact, "path", artifact)))
     return build_component("embedder", {**embedder_node, "model": str(folder)})
@@ -110,8 +121,6 @@ def _retrieve(retriever: Any, examples: Sequence[Example], k: int
 
 
 def _load_lm(path: Path, threads: int) -> Any:
-    from retro.components.evaluators.lm import load_eval_lm
-
     return load_eval_lm(path, threads=threads)
 
 
@@ -159,7 +168,6 @@ def lsr(ctx: StageContext[LsrParams]) -> dict[str, Any]:
     ids, _, texts = _retrieve(build_retriever(params, ctx.inputs), examples, cfg.k)
     logp, n_tok = _lm_scores(ctx, cfg, examples, ids, texts)
     mask = ids >= 0
-    from retro.components.radit.lsr import lm_scores, lsr_target
 
     target = lsr_target(lm_scores(logp, n_tok, cfg.lm_score), cfg.tau, mask)
     docs = _doc_embeddings(ctx.inputs["embeddings"], ids)
@@ -169,7 +177,6 @@ def lsr(ctx: StageContext[LsrParams]) -> dict[str, Any]:
     ev = n_train + np.flatnonzero(usable[n_train:])
     if len(tr) == 0:
         raise InputDataError("lsr: no training example has 2 or more retrieved chunks")
-    from retro.components.radit.query_encoder import QueryEncoder
 
     enc = QueryEncoder(params["embedder"])
     metric = params["index"].get("metric", "ip")
@@ -212,7 +219,6 @@ class _LSRData:
 def _lm_scores(ctx: Any, cfg: LSRConfig, examples: list[Example], ids: np.ndarray,
                texts: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
     """log p_LM(y | c∘x) summed over y [n, k] and y's token count; cached in the work dir."""
-    from retro.components.radit.scoring import answer_logprobs, render_rows
 
     cache = ctx.work_dir / "lm_scores.npz"
     if cache.exists():
@@ -248,7 +254,6 @@ def _doc_embeddings(artifact: Any, ids: np.ndarray) -> np.ndarray:
 
 def _log_p_r(enc: Any, cfg: LSRConfig, data: _LSRData, rows: np.ndarray) -> tuple[Any, Any,
                                                                                    Any]:
-    from retro.components.radit.lsr import retriever_log_probs, retriever_scores
 
     queries, docs, mask, target = data.batch(rows)
     s = retriever_scores(enc(queries), docs, data.metric)
@@ -259,8 +264,6 @@ def _train(ctx: Any, cfg: LSRConfig, enc: Any, data: _LSRData, rows: np.ndarray)
     """AdamW on the query encoder; returns the loss of every step (also streamed)."""
     import torch
 
-    from retro.components.radit.lsr import kl_loss
-    from retro.components.training.data import GlobalBatchSampler
 
     torch.manual_seed(ctx.seed)
     batch = min(cfg.batch_size, len(rows))
@@ -293,7 +296,6 @@ def _evaluate(enc: Any, cfg: LSRConfig, data: _LSRData, train: np.ndarray, held:
     dropout off; also p_R of every example [n, k] (NaN for unusable ones)."""
     import torch
 
-    from retro.components.radit.lsr import kl_loss
 
     enc.train(False)
     p_r = np.full(data.mask.shape, np.nan)
@@ -343,9 +345,6 @@ def ra_it(ctx: StageContext[RaItParams]) -> dict[str, Any]:
     Files: the model directory (`training.models.export`: decoder/ + tokenizer,
     retro_config.json, training.json), `retrieved.jsonl` (each example's chunks).
     """
-    from retro.components.training.data import NpyRows
-    from retro.components.training.models import export
-    from retro.components.training.stages import _run
 
     cfg, params = ctx.params.instruct, _flat(ctx.params)
     sched = cfg.schedule()
@@ -392,9 +391,7 @@ def load_lm_for_training(path: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retro.components.evaluators.lm import RETRO_CONFIG, find_model_dir
     from retro.components.models.retro import RetroConfig, RetroForCausalLM
-    from retro.components.training.models import load_trained
 
     folder = find_model_dir(Path(path))
     if (folder / RETRO_CONFIG).exists():
@@ -412,7 +409,6 @@ def _lm_tokenizer(init: Path, out: Path) -> tuple[Any, Path]:
     """The LM's tokenizer, and a folder holding only its files (what export copies)."""
     from transformers import AutoTokenizer
 
-    from retro.components.evaluators.lm import find_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(find_tokenizer_dir(init))
     tok.save_pretrained(str(out))
@@ -420,8 +416,6 @@ def _lm_tokenizer(init: Path, out: Path) -> tuple[Any, Path]:
 
 
 def _context_length(init: Path) -> int:
-    from retro.components.evaluators.lm import find_model_dir
-
     folder = find_model_dir(init)
     cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() \
         else json.loads((folder / "retro_config.json").read_text())["decoder"]
@@ -432,14 +426,11 @@ def _context_length(init: Path) -> int:
 
 
 def _rendered(ex: Example, chunk: str, tok: Any, cfg: Any) -> list[tuple[str, str]]:
-    from retro.components.evaluators.prompts import cut_tokens, with_background
-
     return with_background(ex.turns, cut_tokens(tok, chunk, cfg.max_background_tokens))
 
 
 def _row_width(examples: list[Example], texts: list[list[str]], tok: Any, cfg: Any) -> int:
     """Tokens the longest (chunk, example) row needs, EOD included, rounded up to 8."""
-    from retro.components.instruct.render import render
 
     width = 8
     for ex, chunks in zip(examples, texts):
@@ -454,7 +445,6 @@ def _row_width(examples: list[Example], texts: list[list[str]], tok: Any, cfg: A
 def _write_rows(out: Path, examples: list[Example], texts: list[list[str]], tok: Any,
                 seq_length: int, cfg: Any) -> dict[str, int]:
     """`<out>_tokens.npy` / `<out>_mask.npy`: one row per (example, chunk), answer-only mask."""
-    from retro.components.instruct.render import encode
 
     tokenize = functools.partial(tok.encode, add_special_tokens=False)
     toks, masks, cut = [], [], 0
@@ -493,7 +483,6 @@ def lm_folder(ctx: StageContext[LmFolderParams]) -> dict[str, Any]:
 
     Params: `path` (model.init). Files: the folder's files (config.json, weights, tokenizer).
     """
-    import shutil
 
     src = Path(ctx.params.path)
     if not (src / "config.json").is_file():

@@ -10,6 +10,7 @@ of the GPU's dense bf16 peak.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from retro.components.models.retro.presets import ALIASES
 
 GPU_PEAK_BF16 = {"A100": 312e12, "H100": 989e12}
 
@@ -50,7 +51,6 @@ PAPER_FIT_GPU_HOURS = {
 
 def paper_fit_hours(preset: str | None, retro: bool) -> str | None:
     """The paper's measured GPU-hours for this preset's 100B-token fit, as text, if known."""
-    from retro.components.models.retro.presets import ALIASES
 
     hours = PAPER_FIT_GPU_HOURS.get(ALIASES.get(preset or "", preset or ""))
     if hours is None:

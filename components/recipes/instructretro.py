@@ -19,10 +19,22 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from retro.platform.errors import SpecIssue
+from retro.platform.errors import SpecIssue, UserError
 from retro.platform.registry import StrictModel, register
 from retro.components.retrieval.recipe import call
 from retro.platform.stage import BaseRecipe, StageCall
+from retro.components.evaluators.ppl import eval_ppl_calls
+from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
+from retro.components.instruct.holdout import qa_eval_sets
+from retro.components.models.retro.build import count_parameters, estimate as model_estimate
+from retro.components.recipes.cost import (CostAssumption, gpu_hours, paper_fit_hours,
+                                           training_flops)
+from retro.components.recipes.memory import memory_info
+from retro.components.retrieval.recipe import (db_spec_issues, db_stage_calls, resolve_db,
+                                               retriever_inputs)
+from retro.components.training.config import Schedule, resolve_schedule
+from retro.components.training.stages import preset_defaults
+from retro.platform.units import human
 
 
 
@@ -42,8 +54,6 @@ class InstructRetroRecipe(BaseRecipe):
         saved (Megatron: 2 of 20); None: all saved."""
 
     def estimate(self, spec: Any, name: str, params: Any) -> dict[str, Any]:
-        from retro.components.recipes.memory import memory_info
-
         k = spec.recipe.train_neighbours or (spec.retriever.neighbours.k
                                              if spec.retriever is not None else None)
         return {**estimate_training(spec, name, params),
@@ -53,9 +63,6 @@ class InstructRetroRecipe(BaseRecipe):
         """Write out what the stages would otherwise derive: the neighbours Retro trains and is
         scored with, the CCA layout, both training schedules (preset values converted with the
         resolved batch), the SFT floor LR and the in-context window."""
-        from retro.components.retrieval.recipe import resolve_db
-        from retro.components.training.config import Schedule, resolve_schedule
-        from retro.components.training.stages import preset_defaults
 
         spec = resolve_db(spec)
         k = self.config.train_neighbours or spec.retriever.neighbours.k
@@ -92,8 +99,6 @@ class InstructRetroRecipe(BaseRecipe):
         return spec.model_copy(update=update)
 
     def check(self, spec: Any) -> list[SpecIssue]:
-        from retro.components.retrieval.recipe import db_spec_issues
-
         issues = db_spec_issues(spec)
         if spec.model is None or spec.model.type != "retro" or not spec.model.retro:
             issues.append(SpecIssue("model", "instructretro retro-fits a Retro model",
@@ -110,8 +115,6 @@ class InstructRetroRecipe(BaseRecipe):
         return issues
 
     def stages(self, spec: Any) -> list[StageCall]:
-        from retro.components.retrieval.recipe import db_stage_calls
-
         db = db_stage_calls(spec, seq_length="pretrain.seq_length")
         calls = list(db)
         gpt = self._gpt(spec, db)
@@ -162,8 +165,6 @@ class InstructRetroRecipe(BaseRecipe):
     def _instruct(self, spec: Any, db: list[StageCall], models: dict[str, StageCall | None]
                   ) -> dict[str, StageCall | None]:
         """SFT of each arm; with `instruct.retrieval` the Retro arm also searches the DB."""
-        from retro.components.instruct.holdout import qa_eval_sets
-        from retro.components.retrieval.recipe import retriever_inputs
 
         out: dict[str, StageCall | None] = {}
         for arm, fit in models.items():
@@ -182,9 +183,6 @@ class InstructRetroRecipe(BaseRecipe):
 
     def _evals(self, spec: Any, db: list[StageCall], fits: dict[str, StageCall],
                models: dict[str, StageCall | None]) -> list[StageCall]:
-        from retro.components.evaluators.ppl import eval_ppl_calls
-        from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
-
         calls: list[StageCall] = []
         types = [e.type for e in spec.eval]
         for i, e in enumerate(spec.eval):
@@ -227,14 +225,7 @@ def estimate_training(spec: Any, name: str, params: dict[str, Any]) -> dict[str,
     `retro plan`. Empty for other stages."""
     if name not in TRAINING:
         return {}
-    from retro.components.models.retro.build import estimate as model_estimate
-    from retro.components.recipes.cost import (CostAssumption, gpu_hours, paper_fit_hours,
-                                               training_flops)
-    from retro.platform.units import human
-    from retro.components.training.config import resolve_schedule
-    from retro.components.training.stages import preset_defaults
 
-    from retro.platform.errors import UserError
 
     schedule, phase = TRAINING[name]
     node = spec.model.model_copy(update={"retro": name == "retro-fit"})
@@ -263,8 +254,6 @@ def estimate_training(spec: Any, name: str, params: dict[str, Any]) -> dict[str,
 
 
 def _counts(node: dict[str, Any], vocab: int | None, chunk: int) -> dict[str, int]:
-    from retro.components.models.retro.build import count_parameters
-
     return count_parameters(node, vocab, chunk)
 
 

@@ -9,6 +9,9 @@ from typing import Any
 
 from retro.components.training.memory import (ModelShape, Workload, checkpoint_every,
                                               model_shape, plan_rows, retrieved_length)
+from retro.components.models.retro.build import build_model
+from retro.platform.plan import stage_resources
+from retro.platform.registry import registry
 
 FIT_STAGES = {"gpt-pretrain": False, "retro-fit": True, "gpt-fit": False}
 """Pretraining-data training stage -> whether it trains the Retro model."""
@@ -18,7 +21,6 @@ INSTRUCT_STAGES = {"instruct-retro": True, "instruct-gpt": False}
 def memory_info(spec: Any, name: str, vocab_size: int | None,
                 neighbours: int | None) -> dict[str, str]:
     """Memory rows of training call `name` ({} for any other stage or without a model)."""
-    from retro.platform.plan import stage_resources
 
     if spec.model is None or spec.model.type != "retro":
         return {}
@@ -52,9 +54,6 @@ def memory_info(spec: Any, name: str, vocab_size: int | None,
 
 @functools.lru_cache(maxsize=32)
 def _shape(node_json: str, vocab_size: int | None, chunk: int) -> ModelShape:
-    from retro.components.models.retro.build import build_model
-    from retro.platform.registry import registry
-
     node = json.loads(node_json)
     cfg = registry.get("model", node.get("type", "retro")).node_model().model_validate(node)
     return model_shape(build_model(cfg, vocab_size, chunk, device="meta"))

@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
+from retro.components.retrieval.common import artifact_path
+from retro.platform.store import open_memmap
 
 _BLOCK = 1 << 16
 
@@ -83,8 +85,6 @@ def chunk_embeddings(texts: list[str], rows: np.ndarray, db_embeddings: Optional
 def reusable_embeddings(path: Any, log: Any = None) -> Optional[np.ndarray]:
     """The embed stage's `embeddings.npy` as a memmap when its vectors are what a query would
     get (float32 storage); None otherwise (float16 storage rounds them: embed everything)."""
-    from retro.components.retrieval.common import artifact_path
-    from retro.platform.store import open_memmap
 
     emb = open_memmap(artifact_path(path) / "embeddings.npy")
     if emb.dtype != np.float32:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from retro.platform.store import write_json_atomic
+from retro.platform.registry import registry
 
 META = "meta.json"
 
 
 def build_component(kind: str, node: Any) -> Any:
     """`registry.build(kind, node)`: a node model or its JSON form -> the component."""
-    from retro.platform.registry import registry
 
     return registry.build(kind, node)
 

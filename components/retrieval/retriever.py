@@ -19,6 +19,7 @@ from retro.components.retrieval.chunking import ChunkDB
 from retro.components.retrieval.search import DenseSearcher, build_searcher
 from retro.components.tokenizers.stage import load_tokenizer
 from retro.platform.errors import UserError
+from retro.platform.registry import registry
 
 RETRIEVER_SLOTS = ("tokenizer", "tokens", "chunk_db")
 """Input slots every retriever needs, plus `index` (dense: fill-index) or `bm25` (bm25-index)."""
@@ -62,7 +63,6 @@ class Retriever:
         Raises:
             UserError: a slot is missing, or the query encoder's dim differs from the index.
         """
-        from retro.platform.registry import registry
 
         node = retriever if isinstance(retriever, dict) else retriever.model_dump(mode="json")
         kind = registry.get("retriever", node["type"]).obj

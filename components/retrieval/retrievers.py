@@ -14,6 +14,10 @@ from retro.components.retrieval.chunking import SplitConfig
 from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.node import Node
 from retro.platform.stage import StageCall
+from retro.components.retrieval.common import artifact_path
+from retro.components.retrieval.faiss_index import FILLED
+from retro.components.retrieval.search import BM25Searcher, BM25_DIR, DenseSearcher
+from retro.platform.errors import UserError
 
 # A retriever component answers for itself (no `type ==` branches elsewhere):
 #   index_calls(db)  the stage calls that build its index from the DB calls `db` (chunk_db,
@@ -97,10 +101,6 @@ class DenseRetrieverSpec:
 
     def searcher(self, inputs: dict[str, Any], log: Any = None,
                  encode: Optional[Callable] = None) -> Any:
-        from retro.components.retrieval.common import artifact_path
-        from retro.components.retrieval.faiss_index import FILLED
-        from retro.components.retrieval.search import DenseSearcher
-
         return DenseSearcher(registry.build("embedder", self.config.embedder),
                              registry.build("index", self.config.index),
                              artifact_path(inputs["index"]) / FILLED, encode, log)
@@ -141,9 +141,6 @@ class BM25RetrieverSpec:
 
     def searcher(self, inputs: dict[str, Any], log: Any = None,
                  encode: Optional[Callable] = None) -> Any:
-        from retro.components.retrieval.common import artifact_path
-        from retro.components.retrieval.search import BM25_DIR, BM25Searcher
-
         return BM25Searcher(artifact_path(inputs["bm25"]) / BM25_DIR, self.config.stopwords)
 
 
@@ -153,7 +150,6 @@ def check_index_against_embedder(embedder_node: Any, index_node: Any) -> None:
     Raises:
         ValueError: the factory does not build for that dim, or `index.dim` disagrees.
     """
-    from retro.platform.errors import UserError
 
     try:
         dim = registry.get("embedder", embedder_node.type).obj(embedder_node).dim

@@ -13,6 +13,8 @@ import numpy as np
 
 from retro.platform.errors import UserError
 from retro.platform.timing import Timings
+from retro.components.retrieval.faiss_index import to_gpu
+from retro.platform.registry import registry
 
 BM25_DIR = "bm25"
 
@@ -22,7 +24,6 @@ class DenseSearcher:
 
     def __init__(self, embedder: Any, index_spec: Any, index_file: Path,
                  encode: Optional[Callable[[list[str]], np.ndarray]] = None, log: Any = None):
-        from retro.components.retrieval.faiss_index import to_gpu
 
         self.embedder = embedder
         self.index = to_gpu(index_spec.read(index_file), log)
@@ -102,6 +103,5 @@ def build_searcher(retriever_node: dict, inputs: dict[str, Any], log: Any = None
                    encode: Optional[Callable] = None):
     """A searcher for a retriever node (the fields searching needs, at least), from the
     artifacts of its index stages (`search_slot`)."""
-    from retro.platform.registry import registry
 
     return registry.build("retriever", retriever_node).searcher(inputs, log, encode)

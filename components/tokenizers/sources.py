@@ -14,6 +14,8 @@ from pydantic import Field
 from retro.platform.errors import InputDataError
 from retro.platform.registry import StrictModel, register
 from retro.platform.spec.types import DataPath
+from retro.components.models.retro.build import _gguf_location
+from retro.components.models.retro.component import GgufInit
 
 EOD = "<|endoftext|>"
 
@@ -150,7 +152,6 @@ class GgufTokenizer:
 
         def package_data(self) -> dict:
             """Keys hold the package's name and version and the GGUF file's hash."""
-            from retro.components.models.retro.component import GgufInit
 
             return GgufInit(package=self.package, file=self.file).package_data()
 
@@ -161,8 +162,6 @@ class GgufTokenizer:
         """The GGUF file's tokenizer (a fast one), with eos = pad = the EOD token."""
         from transformers import AutoTokenizer
 
-        from retro.components.models.retro.build import _gguf_location
-        from retro.components.models.retro.component import GgufInit
 
         folder, name = _gguf_location(GgufInit(package=self.config.package,
                                                file=self.config.file))

@@ -19,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
+import tempfile
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "trainer_state.json"
 
@@ -122,6 +123,4 @@ class RayRuntime:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
     def scratch(self) -> Path:
-        import tempfile
-
         return Path(tempfile.mkdtemp(prefix="retro-ckpt-"))

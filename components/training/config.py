@@ -8,7 +8,7 @@ does that once, in the stage, and the resolved numbers go into the artifact mani
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -108,7 +108,6 @@ class ResolvedSchedule:
 
     def values(self) -> dict[str, Any]:
         """Every effective value, derived ones included (for manifests and resolved.yaml)."""
-        from dataclasses import asdict
 
         return {**asdict(self), "samples": self.samples, "tokens": self.tokens}
 

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from retro.platform.errors import InputDataError
+from retro.components.models.retro.build import checkpoint_dir
+from retro.components.models.retro.freeze import param_group, resolve_policy
+from retro.platform.registry import registry
 
 TRAINING_META = "training.json"
 
 
 def model_node(node: dict[str, Any], *, retro: bool) -> Any:
     """The validated `model` node; `retro=False` asks for the plain decoder of the same size."""
-    from retro.platform.registry import registry
 
     registry.load_plugins()
     node = dict(node)
@@ -71,7 +73,6 @@ def decoder_trainable(node: dict[str, Any], vocab_size: int, chunk_length: int) 
     """Whether `model.freeze` leaves any parameter of the plain decoder trainable (GPT-fit has
     nothing else: under `frozen`, RETRO's RETROfit, its control is the untouched GPT)."""
     from retro.components.models.retro import build_model
-    from retro.components.models.retro.freeze import param_group, resolve_policy
 
     cfg = model_node(node, retro=False)
     if not hasattr(cfg, "freeze"):
@@ -101,7 +102,6 @@ def check_init(node: dict[str, Any], vocab_size: int, chunk_length: int, *, retr
         UserError / InputDataError: config or tensor shapes disagree, or no checkpoint there.
     """
     from retro.components.models.retro import build_model
-    from retro.components.models.retro.build import checkpoint_dir
 
     cfg = model_node(node, retro=retro)
     model = build_model(cfg, vocab_size, chunk_length, init_dir=init_dir, device="meta")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from retro.components.retrieval.api import ChunkDB
 
 
 class DBNeighbours:
@@ -24,7 +25,6 @@ class DBNeighbours:
 
     def __init__(self, ids_path: str, chunk_db_path: str, tokens_path: str,
                  k: Optional[int] = None):
-        from retro.components.retrieval.api import ChunkDB
 
         if Path(ids_path).is_dir():  # a `neighbours` artifact folder
             ids_path = str(Path(ids_path) / "neighbours.npy")

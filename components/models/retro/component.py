@@ -22,6 +22,8 @@ from retro.platform.spec.types import DataPath, PackageData
 from retro.components.models.retro import freeze as _freeze
 from retro.components.models.retro.presets import (PRESET_NAMES, Dims, cca_layer_rule,
                                                    get_preset)
+import importlib.util
+from pathlib import Path
 
 
 class GgufInit(StrictModel):
@@ -41,8 +43,6 @@ class GgufInit(StrictModel):
 def gguf_file(package: str, file: Optional[str]) -> Optional[str]:
     """The .gguf file `file` (None: the only one) in `package`'s folder, located without
     importing it; None if the package or the file is not there."""
-    import importlib.util
-    from pathlib import Path
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
