@@ -16,6 +16,15 @@ import typer
 
 from retro.cli import render
 from retro.platform.errors import RetroError, StageFailed, UserError
+import click
+from retro.platform import api
+from retro.platform.diffing import diff_specs
+from retro.platform.registry import KINDS, close_matches, registry
+from retro.platform.report import build_report, find_run, write_report
+from retro.platform.runs import find_runs
+from retro.platform.spec.jsonschema import spec_json_schema
+from retro.platform.spec.reference import spec_reference
+from retro.platform.store import ArtifactStore
 
 app = typer.Typer(name="retro", pretty_exceptions_show_locals=False, no_args_is_help=True,
                   add_completion=False, rich_markup_mode=None,
@@ -54,7 +63,6 @@ def main() -> None:
 
 def _is_click_error(e: Exception) -> bool:
     """Click's ClickException, or the copy of it that newer typer releases vendor."""
-    import click
 
     try:
         from typer._click.exceptions import ClickException as TyperClickException
@@ -66,7 +74,6 @@ def _is_click_error(e: Exception) -> bool:
 @app.command()
 def validate(spec: Path, override: list[str] = OVERRIDES) -> None:
     """Check a spec (schema, components, cross-field rules). Nothing runs or is written."""
-    from retro.platform import api
 
     loaded, plan = api.validate(spec, override)
     render.validated(loaded, plan)
@@ -80,7 +87,6 @@ def plan(spec: Path, override: list[str] = OVERRIDES,
              "that changed since its last artifact in the store."))) -> None:
     """Show the DAG: stages, keys, cached or to run, resources, variants, estimates, and the
     content hash of each data input (from the hash cache or hashed now)."""
-    from retro.platform import api
 
     loaded, the_plan = api.plan(spec, override)
     if explain is not None:
@@ -103,7 +109,6 @@ def run(spec: Path, override: list[str] = OVERRIDES,
         rerun: list[str] = typer.Option([], "--rerun", help="Recompute this stage even if "
                                         "its artifact exists (repeatable).")) -> None:
     """Run a spec (or a run folder / its resolved.yaml, to reproduce it). Resumes by itself."""
-    from retro.platform import api
 
     with render.LiveProgress() as live:
         record, outcome, the_plan = api.run(spec, override, argv=sys.argv, on_event=live.event,
@@ -118,7 +123,6 @@ def run(spec: Path, override: list[str] = OVERRIDES,
 @app.command("ls")
 def ls_runs(runs: Path = typer.Option(Path("runs"), help="Runs directory.")) -> None:
     """List runs with their status."""
-    from retro.platform.runs import find_runs
 
     render.runs_table(find_runs(runs))
 
@@ -133,7 +137,6 @@ def show(what: str = typer.Argument(..., help="`run` or a registry kind (e.g. in
 
         render.run_details(resolve_run(name, runs))
         return
-    from retro.platform.registry import registry
 
     registry.load_plugins()
     render.component(registry.get(what, name))
@@ -142,7 +145,6 @@ def show(what: str = typer.Argument(..., help="`run` or a registry kind (e.g. in
 @app.command()
 def components(kind: Optional[str] = typer.Argument(None, help="Registry kind.")) -> None:
     """List registered components (all kinds, or one) with their one-line docs."""
-    from retro.platform.registry import KINDS, close_matches, registry
 
     registry.load_plugins()
     if kind is not None and kind not in KINDS:
@@ -156,7 +158,6 @@ def components(kind: Optional[str] = typer.Argument(None, help="Registry kind.")
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of specs (for the YAML language server)."""
-    from retro.platform.spec.jsonschema import spec_json_schema
 
     print(json.dumps(spec_json_schema(), indent=2))
 
@@ -164,7 +165,6 @@ def schema() -> None:
 @app.command()
 def docs() -> None:
     """Print the Markdown reference of every spec field (docs/spec.md)."""
-    from retro.platform.spec.reference import spec_reference
 
     print(spec_reference(), end="")
 
@@ -172,7 +172,6 @@ def docs() -> None:
 @app.command()
 def diff(a: Path, b: Path) -> None:
     """Show the resolved fields that differ between two specs or runs."""
-    from retro.platform.diffing import diff_specs
 
     render.diff_table(a, b, diff_specs(a, b))
 
@@ -185,7 +184,6 @@ def report(run: str = typer.Argument(..., help="Run folder, run name, or spec/sw
            store: Optional[Path] = typer.Option(None, help="Artifact store; default: the "
                                                 "run's store.path.")) -> None:
     """Compare a run's variants: metrics table (terminal + report.md), spec differences, plots."""
-    from retro.platform.report import build_report, find_run, write_report
 
     record = find_run(run, runs)
     rep = write_report(build_report(record, store), out or record.dir / "report")
@@ -197,8 +195,6 @@ def gc(runs: Path = typer.Option(Path("runs"), help="Runs whose artifacts are ke
        store: Path = typer.Option(Path(".retro/store"), help="Artifact store root."),
        dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would go.")) -> None:
     """Delete artifacts no run references (and leftovers of interrupted writes)."""
-    from retro.platform.runs import find_runs
-    from retro.platform.store import ArtifactStore
 
     referenced = set()
     for record in find_runs(runs):

@@ -10,6 +10,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.live import Live
 from rich.table import Table
+import json
+from retro.platform.explain import committed
+from retro.platform.registry import KINDS
+from retro.platform.report import build_report, comparison_rows, fmt, headline_rows
+from retro.platform.stats import RESAMPLES
+from retro.platform.timeline import critical_path as chain_of, run_span
 
 out = Console()
 err = Console(stderr=True)
@@ -85,7 +91,6 @@ def data_table(plan: Any) -> None:
 
 def explain(items: list[dict[str, Any]], depth: int = 0) -> None:
     """`retro plan --explain`: each stage's changed key components, then its changed inputs'."""
-    from retro.platform.explain import committed
 
     pad = "  " * depth
     for item in items:
@@ -171,8 +176,6 @@ def runs_table(records: list[Any]) -> None:
 
 
 def run_details(record: Any) -> None:
-    import json
-
     plan = json.loads((record.dir / "plan.json").read_text())
     states: dict[str, str] = {}
     for e in record.events():
@@ -190,7 +193,6 @@ def run_details(record: Any) -> None:
 def critical_path(plan: dict[str, Any], events: list[dict[str, Any]]) -> None:
     """The DAG's critical path: the input chain with the longest start→done, each stage's
     time split (its manifest's time_s) and precision."""
-    from retro.platform.timeline import critical_path as chain_of, run_span
 
     chain = [st for st in chain_of(plan, events) if st.seconds > 0]
     if not chain:
@@ -209,8 +211,6 @@ def critical_path(plan: dict[str, Any], events: list[dict[str, Any]]) -> None:
 
 
 def components_table(registry: Any, kinds: list[str]) -> None:
-    from retro.platform.registry import KINDS
-
     for kind in kinds:
         table = Table(title=f"{kind}: {KINDS[kind]}", title_justify="left")
         table.add_column("name")
@@ -247,8 +247,6 @@ def diff_table(a: Any, b: Any, rows: list[tuple[str, Any, Any]]) -> None:
 def headline(rep: Any, headline_only: bool = True) -> None:
     """The run's headline metrics with 95% CIs per variant, then every comparison (paired
     bootstrap CI of the difference, "within noise" when it includes 0)."""
-    from retro.platform.report import comparison_rows, headline_rows
-    from retro.platform.stats import RESAMPLES
 
     con = out if out.is_terminal else Console(width=220)  # logs and pipes: no wrapped cells
     rows = headline_rows(rep)
@@ -263,7 +261,6 @@ def headline(rep: Any, headline_only: bool = True) -> None:
 def run_headline(record: Any) -> None:
     """`retro run`'s closing lines: the headline and comparisons of what finished (nothing when
     no stage declared results; a report problem never fails the run)."""
-    from retro.platform.report import build_report
 
     try:
         rep = build_report(record)
@@ -286,7 +283,6 @@ def _rows_table(rows: list[list[str]], title: str) -> Table:
 def report(rep: Any) -> None:
     """`retro report`: headline and comparisons with CIs, then the full metric dump (evaluation
     and stage-summary tables), spec differences, files."""
-    from retro.platform.report import fmt
 
     out.print(f"[bold]{rep.run}[/] spec={rep.spec_name} status={rep.status} "
               f"variants={', '.join(rep.variants)}")

@@ -11,6 +11,7 @@ from retro.platform.runs import RunRecord, create_run, resolved
 from retro.platform.scheduler import RunOutcome, connect_ray, run_plan
 from retro.platform.spec import LoadedSpec, load_spec
 from retro.platform.store import ArtifactStore
+import os
 
 
 def spec_path(ref: str | Path) -> Path:
@@ -81,6 +82,5 @@ def run(ref: str | Path, overrides: Iterable[str] = (), argv: list[str] | None =
 def _joined_cluster(address: str | None, started: bool) -> bool:
     """Whether stages may land on other nodes: we joined an address, or found Ray already
     connected (unknown, so check). An embedded Ray this process started has only this node."""
-    import os
 
     return bool(address or os.environ.get("RAY_ADDRESS")) or not started

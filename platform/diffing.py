@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from retro.platform.api import spec_path
+from retro.platform.runs import resolved
+from retro.platform.spec import load_spec
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -22,10 +25,6 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def resolved_dict(ref: str | Path) -> dict[str, Any]:
-    from retro.platform.api import spec_path
-    from retro.platform.runs import resolved
-    from retro.platform.spec import load_spec
-
     loaded = load_spec(spec_path(ref))
     return resolved(loaded.spec)
 

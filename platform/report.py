@@ -30,6 +30,7 @@ from retro.platform.errors import UserError
 from retro.platform.results import Results, read_results
 from retro.platform.runs import RunRecord, find_runs, resolve_run
 from retro.platform.stats import LEVEL, RESAMPLES
+from retro.platform.report_plots import make_plots
 
 
 @dataclass
@@ -280,7 +281,6 @@ def differences(specs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, A
 
 def write_report(report: Report, out_dir: Path) -> Report:
     """Write report.md, report.json and the PNG plots into `out_dir`."""
-    from retro.platform.report_plots import make_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report.plots = make_plots(report, out_dir)

@@ -17,6 +17,8 @@ from retro.platform.errors import StageFailed, UserError
 from retro.platform.execute import StagePayload, execute_stage
 from retro.platform.plan import Plan, PlannedStage
 from retro.platform.tracking import TrackingInfo
+import shutil
+import uuid
 
 EventSink = Callable[[str, PlannedStage, dict[str, Any]], None]
 
@@ -129,8 +131,6 @@ def check_store_reachable(store_root: Path, timeout_s: float = PROBE_TIMEOUT_S) 
     Raises:
         UserError: naming each node that could not (exit 2); nothing has run.
     """
-    import shutil
-    import uuid
 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from retro.platform.registry import StrictModel, register
+import netrc
+from retro.platform.secrets import redact
 
 log = logging.getLogger("retro.tracking.wandb")
 
@@ -50,8 +52,6 @@ def resolve_mode(mode: str, env: dict[str, str] | None = None) -> str:
 
 
 def _netrc_has_key(env: dict[str, str]) -> bool:
-    import netrc
-
     host = env.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
     try:
         return netrc.netrc(env.get("NETRC")).authenticators(host) is not None
@@ -134,7 +134,6 @@ class WandbTracker:
         """Log `artifact` (a store Artifact) with its inputs `lineage` (slot -> "stage/key")."""
         if self.run is None or not self.config.log_artifacts:
             return
-        from retro.platform.secrets import redact
 
         try:
             manifest = artifact.manifest

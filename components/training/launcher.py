@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from retro.components.training.checkpoint import LocalRuntime
+from retro.components.training.checkpoint import LocalRuntime, RayRuntime
 from retro.components.training.loop import TrainJob, train
 from retro.platform.errors import UserError
 
@@ -115,7 +115,6 @@ def lost_nodes_message(name: str, lost: list[dict[str, Any]], num_workers: int,
 
 def _worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point."""
-    from retro.components.training.checkpoint import RayRuntime
 
     job: TrainJob = config["job"]
     runtime = RayRuntime()
