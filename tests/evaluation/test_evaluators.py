@@ -111,18 +111,18 @@ def test_ppl_with_retrieved_text_in_context(tmp_path, db, models, monkeypatch):
     then the preceding tokens of the sequence, cut from the left only so that prompt + chunk
     fit the no-RAG baseline's window, the sequence length (issue 13 defect 5). The expected
     prompt is rebuilt here from the chunk table by hand."""
-    from retro.components.evaluators import lm as lm_module
+    from retro.components.evaluators import ppl as ppl_module
     from retro.components.retrieval.api import ChunkDB
 
     seen = []
-    real = lm_module.token_nll
+    real = ppl_module.token_nll
 
     def spy(lm, ids, labels, neighbours=None):
         seen.append((ids.clone(), labels.clone()))
         return real(lm, ids, labels, neighbours)
 
     plain, _ = run_ppl(tmp_path, db, models["gpt"], "plain")
-    monkeypatch.setattr(lm_module, "token_nll", spy)
+    monkeypatch.setattr(ppl_module, "token_nll", spy)       # the name eval-ppl calls
     in_ctx, _ = run_ppl(tmp_path, db, models["gpt"], "in-ctx", retrieval_context=True)
     assert in_ctx["tokens"] == plain["tokens"] and in_ctx["bytes"] == plain["bytes"]
     assert in_ctx["loss"] != pytest.approx(plain["loss"], abs=1e-6)
