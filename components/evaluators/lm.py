@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from retro.components.models.retro.layout import RETRO_CONFIG
 from retro.platform.errors import InputDataError
-
-RETRO_CONFIG = "retro_config.json"
 
 
 @dataclass

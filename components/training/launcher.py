@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retro.components.training.checkpoint import LocalRuntime, RayRuntime
-from retro.components.training.loop import TrainJob, train
+from retro.components.training.loop import TrainJob, check_global_batch, train
 from retro.platform.errors import UserError
 
 RUN_NAME = "ray-train"
@@ -42,10 +42,7 @@ def launch(job: TrainJob, *, num_workers: int, cpus_per_worker: float = 1.0,
         UserError: the training failed for good (after `max_failures` restarts).
     """
     storage = Path(storage).absolute()
-    if job.schedule.global_batch % num_workers:
-        raise UserError(f"{job.name}: global_batch {job.schedule.global_batch} is not divisible "
-                        f"by {num_workers} workers; change resources.stages.{job.name}."
-                        f"num_workers or the global batch")
+    check_global_batch(job, num_workers)
     if use_ray is None:
         import ray
 

@@ -60,6 +60,15 @@ class TrainJob:
         return Path(self.out_dir) / "final"
 
 
+def check_global_batch(job: "TrainJob", world: int) -> None:
+    """Every worker takes the same number of rows per step (the launcher checks it before
+    starting Ray; the loop again, for direct use)."""
+    if job.schedule.global_batch % world:
+        raise UserError(f"{job.name}: global_batch {job.schedule.global_batch} is not divisible "
+                        f"by {world} workers; change resources.stages.{job.name}.num_workers or "
+                        f"the global batch")
+
+
 def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     """Run (or resume) `job` to its last step; rank 0 exports the model to `job.final_dir`.
 
@@ -74,10 +83,7 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
 
     rank, world = runtime.rank, runtime.world_size
     sched, run = job.schedule, job.run
-    if sched.global_batch % world:
-        raise UserError(f"{job.name}: global_batch {sched.global_batch} is not divisible by "
-                        f"{world} workers; change resources.stages.{job.name}.num_workers or "
-                        f"global_batch")
+    check_global_batch(job, world)
     device = _device()
     torch.manual_seed(job.seed)                   # identical initial weights on every rank
     model = _fp32_masters(job.model())

@@ -41,12 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from retro.components.models.retro.layout import RETRO_CONFIG, RETRO_WEIGHTS
+
 LLAMA_LIKE = ("llama", "phi3", "mistral", "qwen2")
 """transformers model types whose layers are (input_layernorm, self_attn,
 post_attention_layernorm, mlp) over RoPE; `gpt2` is the other supported layout."""
-
-RETRO_CONFIG = "retro_config.json"
-RETRO_WEIGHTS = "retro.safetensors"
 
 
 @dataclass

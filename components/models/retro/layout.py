@@ -1,0 +1,5 @@
+"""The files of a saved Retro model directory (`RetroForCausalLM.save_pretrained`): what the
+model writes and what evaluators and loaders look for, named once (torch-free)."""
+
+RETRO_CONFIG = "retro_config.json"
+RETRO_WEIGHTS = "retro.safetensors"
