@@ -30,6 +30,7 @@ from retro.platform.errors import UserError
 from retro.platform.results import Results, read_results
 from retro.platform.runs import RunRecord, find_runs, resolve_run
 from retro.platform.stats import LEVEL, RESAMPLES
+from retro.platform.store import ArtifactStore
 from retro.platform.report_plots import make_plots
 
 
@@ -208,13 +209,15 @@ def _store_root(top: dict[str, Any], run_dir: Path) -> Path:
 def _stage_info(s: dict[str, Any], state: str, store: Path) -> StageInfo:
     info = StageInfo(s["id"], s["name"], s["stage"], s["key"], list(s["variants"]), state,
                      inputs=dict(s.get("inputs", {})))
-    art = store / s["stage"] / s["key"]
+    artifacts = ArtifactStore(store)
+    art = artifacts.path(s["stage"], s["key"])
     try:
         info.summary = json.loads((art / "manifest.json").read_text()).get("summary", {})
         info.path, info.results = art, read_results(art)
     except (OSError, ValueError):
         pass
-    for path in (art / "metrics.jsonl", store / s["stage"] / ".work" / s["key"] / "metrics.jsonl"):
+    for path in (art / "metrics.jsonl",
+                 artifacts.work_path(s["stage"], s["key"]) / "metrics.jsonl"):
         if path.exists():
             info.curves = read_curves(path)
             break

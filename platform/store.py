@@ -64,9 +64,13 @@ class ArtifactStore:
             raise ArtifactError(f"no artifact {stage}/{key[:12]} in {self.root}")
         return Artifact(stage, key, self.path(stage, key))
 
+    def work_path(self, stage: str, key: str) -> Path:
+        """Where `work_dir` is (not created): readers look there for an unfinished stage."""
+        return self.root / stage / ".work" / key
+
     def work_dir(self, stage: str, key: str) -> Path:
         """Scratch space that survives an interrupted attempt (checkpoints for resume)."""
-        d = self.root / stage / ".work" / key
+        d = self.work_path(stage, key)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
