@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from retro.components.training.models import TRAINING_META
 
 def trained_neighbours(model_dir: Path) -> Optional[int]:
     """Neighbours per chunk the model was trained with (its `training.json`), or None."""
-    from retro.components.training.models import TRAINING_META
 
     f = Path(model_dir) / TRAINING_META
     if not f.is_file():

