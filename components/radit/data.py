@@ -24,9 +24,8 @@ from retro.components.instruct.sources import (Conversation, Loaded, SourceConfi
 from retro.platform.errors import InputDataError
 from retro.platform.registry import register, registry
 import gzip
-from retro.components.evaluators.metrics import normalize_answer
-from retro.components.evaluators.qa_data import load_questions
 from retro.components.instruct.blend import realize
+from retro.components.instruct.holdout import eval_questions, normalise
 from retro.components.instruct.sources import load_source
 
 
@@ -144,7 +143,7 @@ def load_examples(nodes: Sequence[Any], total: int, eval_samples: int, seed: int
     loaded, excluded = [], 0
     for node in nodes:
         src = load_source(node)
-        keep = [c for c in src.conversations if _norm(query_of(c)) not in banned]
+        keep = [c for c in src.conversations if normalise(query_of(c)) not in banned]
         excluded += len(src.conversations) - len(keep)
         if not keep:
             raise InputDataError(f"blend source {node.type} at {node.path!r}: every record is a "
@@ -164,18 +163,3 @@ def load_examples(nodes: Sequence[Any], total: int, eval_samples: int, seed: int
 
     info = {"blend": [p.summary() for p in parts], "excluded": excluded}
     return pick("train"), pick("eval"), info
-
-
-def eval_questions(sets: Sequence[dict[str, Any]]) -> set[str]:
-    """Normalised question texts of the given QA evaluation sets."""
-
-    out: set[str] = set()
-    for s in sets:
-        for name in s["datasets"]:
-            out |= {_norm(e.question) for e in load_questions(
-                s["data_dir"], name, s.get("limit"), s.get("answer_in_corpus", False))}
-    return out
-
-
-def _norm(text: str) -> str:
-    return normalize_answer(text)

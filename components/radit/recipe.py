@@ -23,6 +23,7 @@ from pydantic import Field
 from retro.components.radit.config import LSRConfig
 from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
+from retro.components.instruct.holdout import qa_eval_sets
 from retro.platform.stage import BaseRecipe, StageCall
 from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
 from retro.components.retrieval.api import call, db_stage_calls, retriever_inputs
@@ -80,7 +81,7 @@ class RaDitRecipe(BaseRecipe):
         return resolve_db(spec)
 
     def stages(self, spec: Any) -> list[StageCall]:
-        exclude = exclude_questions(spec)
+        exclude = qa_eval_sets(spec)
         base = base_lm_call(spec)
         calls = [base, *db_stage_calls(spec, splits=())]
         db = retriever_inputs(calls)
@@ -122,9 +123,3 @@ def base_lm_call(spec: Any) -> StageCall:
     if spec.model.init_gguf is not None:
         return StageCall("import-gguf", "import-gguf", reads={"source": "model.init_gguf"})
     return StageCall("lm-folder", "lm-folder", reads={"path": "model.init"})
-
-
-def exclude_questions(spec: Any) -> list[dict[str, Any]]:
-    """The question sets of the spec's `qa` evaluators, which training must not see."""
-    return [{"data_dir": str(e.data_dir), "datasets": list(e.datasets), "limit": e.limit,
-             "answer_in_corpus": e.answer_in_corpus} for e in spec.eval if e.type == "qa"]

@@ -56,23 +56,9 @@ class DataInput:
     """The field's value in the spec (the path; for package data, e.g. None)."""
 
 
-def data_paths(model: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+def data_paths(model: Any) -> Iterator[tuple[str, str]]:
     """Every (dotted path, value) of a DataPath field inside a validated config tree."""
-    if isinstance(model, BaseModel):
-        for name, f in type(model).model_fields.items():
-            value = getattr(model, name)
-            path = f"{prefix}{name}"
-            if _is_data_path(f.annotation, f.metadata) and value is not None:
-                for i, v in enumerate(value if isinstance(value, (list, tuple)) else [value]):
-                    yield (path if not isinstance(value, (list, tuple)) else f"{path}.{i}", v)
-            else:
-                yield from data_paths(value, path + ".")
-    elif isinstance(model, (list, tuple)):
-        for i, v in enumerate(model):
-            yield from data_paths(v, f"{prefix}{i}.")
-    elif isinstance(model, dict):
-        for k, v in model.items():
-            yield from data_paths(v, f"{prefix}{k}.")
+    return ((d.location, d.value) for d in data_inputs(model) if d.package is None)
 
 
 def data_inputs(model: Any, prefix: str = "") -> Iterator[DataInput]:
