@@ -24,9 +24,9 @@ the fastest step of each variant, and the median.
             through the product's training loop.
 
 Usage:
-    .venv/bin/python bench/precision.py train [--widths 256 512] [--rounds 3] [--bf16-params]
-    .venv/bin/python bench/precision.py embed [--db 4096] [--queries 256] [--rounds 2]
-    .venv/bin/python bench/precision.py curve [--steps 120]
+    .venv/bin/python -m bench.precision train [--widths 256 512] [--rounds 3] [--bf16-params]
+    .venv/bin/python -m bench.precision embed [--db 4096] [--queries 256] [--rounds 2]
+    .venv/bin/python -m bench.precision curve [--steps 120]
 """
 
 from __future__ import annotations
@@ -244,34 +244,6 @@ def bench_embed(args) -> dict:
 
 
 # ------------------------------------------------------------------------------ curve
-def wiki_rows(out: Path, seq_length: int, n_passages: int, vocab: int):
-    """Train/valid token rows of real wiki passages under a BPE trained on them (as the tiny
-    spec's train-bpe tokenizer), documents joined with EOD."""
-    import numpy as np
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    texts = []
-    with gzip.open(DATA / "wiki_featured_passages" / "passages.part-00.jsonl.gz", "rt") as fh:
-        for line in fh:
-            texts.append(json.loads(line)["text"])
-            if len(texts) == n_passages:
-                break
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<eod>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    eod, n_valid, paths = tok.token_to_id("<eod>"), len(texts) // 10, []
-    for name, part in (("train", texts[:-n_valid]), ("valid", texts[-n_valid:])):
-        stream = np.concatenate([np.array(e.ids + [eod], dtype=np.uint16)
-                                 for e in tok.encode_batch(part)])
-        paths.append(out / f"{name}.npy")
-        np.save(paths[-1], stream[: len(stream) // seq_length * seq_length]
-                .reshape(-1, seq_length))
-    return paths
-
-
 def bench_curve(args) -> dict:
     """The tiny spec's gpt-pretrain (retro-tiny preset at d_model 128, seq 256, batch 8, 120
     steps, lr 1e-3 -> 1e-4, warmup 10, eval every 40 on 2 batches) in fp32, bf16 and bf16 again,
@@ -286,11 +258,12 @@ def bench_curve(args) -> dict:
     from retro.components.training.launcher import launch
     from retro.components.training.loop import TrainJob
     from retro.components.training.models import build_fresh
+    from tests.training.helpers import wiki_rows
 
     torch.set_num_threads(args.threads)
     vocab, seq = 4096, 256
     work = Path(tempfile.mkdtemp(prefix="bench-precision-"))
-    train, valid = wiki_rows(work, seq, args.passages, vocab)
+    train, valid = wiki_rows(DATA, work, seq, args.passages, vocab=vocab)
     node = {"type": "retro", "preset": "retro-tiny", "retro": False,
             "overrides": {"d_model": 128}}
     sched = resolve_schedule(Schedule(steps=args.steps, global_batch=8, lr=1e-3, min_lr=1e-4,

@@ -34,8 +34,8 @@ def model_factory(node: dict[str, Any] | None = None, vocab: int = VOCAB, m: int
 
 
 def wiki_rows(shared_data: Path, out: Path, seq_length: int = 64, n_passages: int = 1500,
-              valid_fraction: float = 0.1) -> tuple[Path, Path]:
-    """Real wiki passages -> a byte-level BPE of VOCAB tokens -> train/valid row files
+              valid_fraction: float = 0.1, vocab: int = VOCAB) -> tuple[Path, Path]:
+    """Real wiki passages -> a byte-level BPE of `vocab` tokens -> train/valid row files
     [n, seq_length] (documents joined with EOD, as the `sequences` stage does)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -50,7 +50,7 @@ def wiki_rows(shared_data: Path, out: Path, seq_length: int = 64, n_passages: in
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<eod>"],
+        vocab_size=vocab, special_tokens=["<eod>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     eod = tok.token_to_id("<eod>")
     n_valid = int(len(texts) * valid_fraction)
