@@ -116,11 +116,9 @@ class QAEvaluator:
 
         @model_validator(mode="after")
         def _k(self) -> "QAEvaluator.Config":
-            # only what the node states: a stage's narrowed copy (qa-retrieve reads
-            # `retrieve_k` without `passages`) must not fail on the defaults it left out
-            given = [getattr(self, f) for f in ("passages", "encoder_neighbours")
-                     if f in self.model_fields_set]
-            if given and max(given) > self.retrieve_k:
+            # a stage's narrowed copy (qa-retrieve reads `retrieve_k` only) skips this check
+            # (platform/spec/node.py `narrowed`), so a whole node is always checked
+            if max(self.passages, self.encoder_neighbours) > self.retrieve_k:
                 raise ValueError(f"passages ({self.passages}) and encoder_neighbours "
                                  f"({self.encoder_neighbours}) must be <= retrieve_k "
                                  f"({self.retrieve_k})")

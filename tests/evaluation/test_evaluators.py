@@ -362,12 +362,17 @@ def test_squad_v2_is_reading_comprehension_and_squad_v2_open_is_not(shared_data)
         assert e.context["paragraph_id"] and any(a in e.context["text"] for a in e.answers)
 
 
-def test_qa_node_checks_stated_passages_against_retrieve_k(shared_data):
+def test_qa_node_checks_passages_against_retrieve_k(shared_data):
+    """A spec asking for more prompt passages than it retrieves is an error, including the
+    default `passages: 5` against `retrieve_k: 4`; qa-retrieve's narrowed copy of the node
+    (retrieve_k only) is exempt by the platform, not by this check."""
     from retro.components.evaluators.qa import QAEvaluator
 
     node = {"data_dir": str(shared_data), "retrieve_k": 4}
     with pytest.raises(ValueError, match="must be <= retrieve_k"):
         QAEvaluator.Config.model_validate({**node, "passages": 6})
+    with pytest.raises(ValueError, match="must be <= retrieve_k"):
+        QAEvaluator.Config.model_validate(node)                  # passages defaults to 5
     assert QAEvaluator.Config.model_validate({**node, "passages": 4}).passages == 4
 
 
