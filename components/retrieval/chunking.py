@@ -2,8 +2,9 @@
 
 Chunks are consecutive, non-overlapping `chunk_length` token windows that never cross a
 document, so a document's last chunk has 1..chunk_length tokens (Megatron `db/build.py`).
-Documents are split into train / valid / heldout by a seeded permutation; only train documents
-enter the DB, so DB row i is chunk i of `chunks.npy`.
+Documents are split into train / valid / heldout / db by a seeded permutation; only train and
+db (`split.db_only`: DB, never training) documents enter the DB, so DB row i is chunk i of
+`chunks.npy`.
 
 Continuation (departure from Megatron): a neighbour is returned with its *continuation*, the next
 chunk of the same document, padded when the neighbour is the document's last chunk. Megatron
@@ -18,7 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from retro.components.corpora.splits import SPLITS, SplitConfig, assign_splits  # noqa: F401 (API)
+from retro.components.corpora.splits import SPLITS, SplitConfig, assign_splits, \
+    in_db  # noqa: F401 (API)
 from retro.components.retrieval.common import artifact_path, read_meta, write_meta
 from retro.platform.stage import StageContext, StageParams, stage
 from retro.platform.store import open_memmap
@@ -37,7 +39,7 @@ class ChunkDbParams(StageParams):
        inputs={"tokens": "tokenized documents (tokenize)"},
        estimate=lambda p: {"chunk_length": p.chunk_length})
 def chunk_db(ctx: StageContext[ChunkDbParams]) -> dict:
-    """Cut the train documents into chunks and record every document's split.
+    """Cut the DB documents (train and db_only) into chunks and record every document's split.
 
     Params: `chunk_length` (int), `split` (SplitConfig). Inputs: `tokens`.
     Files: `chunks.npy` int64 [n_chunks, 3] = (document index, start token offset in
@@ -50,7 +52,7 @@ def chunk_db(ctx: StageContext[ChunkDbParams]) -> dict:
     doc_split = assign_splits(n_docs, split)
     np.save(ctx.out_dir / "doc_split.npy", doc_split)
     per_doc = -(-np.diff(offsets) // length)  # ceil
-    per_doc[doc_split != SPLITS["train"]] = 0
+    per_doc[~in_db(doc_split)] = 0
     n_chunks = int(per_doc.sum())
     table = open_memmap(ctx.out_dir / "chunks.npy", np.int64, (n_chunks, 3), mode="w+")
     row = 0
