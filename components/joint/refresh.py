@@ -65,10 +65,13 @@ def _tensor_bytes(t: Any) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
-    """`shards` contiguous, nearly equal [a, b) row ranges covering n rows (no empty ones)."""
-    shards = max(1, min(shards, n)) if n else 1
-    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+def shard_ranges(n: int, shards: int, align: int = 1) -> list[tuple[int, int]]:
+    """Up to `shards` contiguous [a, b) row ranges covering n rows, nearly equal in whole
+    `align`-row windows (the embedder's sorting window: aligned shards embed every text exactly
+    as one `embed` call over the corpus would); no empty ranges."""
+    windows = -(-n // align) if n else 0
+    shards = max(1, min(shards, windows))
+    bounds = np.minimum(np.linspace(0, windows, shards + 1).round().astype(int) * align, n)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -118,7 +121,7 @@ class RefreshWorker:
         out.mkdir(parents=True, exist_ok=True)
         self._load_state(state)
         n = len(self.texts)
-        ranges = shard_ranges(n, job["shards"])
+        ranges = shard_ranges(n, job["shards"], self.embedder.window)
         reused, written, shard_seconds = 0, 0, []
         for a, b in ranges:
             path = out / shard_name(a, b)
@@ -200,8 +203,10 @@ class IndexRefresher:
         corpus_digest: identifies `texts` (part of every digest).
         encoder_dir: the HF encoder folder the document tower was initialised from (the actor
             loads it once, then each refresh loads a state dict into it).
-        max_length, batch_size, normalize, exclude_special_tokens, precision: as in the
-            `hf-mean-pool` embedder (`precision: auto` is bf16 on AVX512-BF16 / AMX CPUs).
+        max_length, batch_size, sort_window, normalize, exclude_special_tokens, precision: as
+            in the `hf-mean-pool` embedder (`precision: auto` is bf16 on AVX512-BF16 / AMX
+            CPUs); shards are whole sorting windows, so with the embed stage's settings a
+            refresh of the unchanged encoder reproduces its embeddings bit for bit.
         factory, metric: the faiss index of each refresh (`Flat`: exact).
         shards: re-embedding shards per refresh (the unit a crash resumes at).
         threads: torch threads of the worker.
@@ -214,7 +219,8 @@ class IndexRefresher:
     """
 
     def __init__(self, root: Path, texts: list[str], corpus_digest: str, encoder_dir: str, *,
-                 max_length: int = 256, batch_size: int = 128, normalize: bool = True,
+                 max_length: int = 256, batch_size: int = 128, sort_window: int = 16,
+                 normalize: bool = True,
                  exclude_special_tokens: bool = True, precision: str = "auto",
                  factory: str = "Flat", metric: str = "ip", shards: int = 4, threads: int = 1,
                  backend: Backend = "auto", actor_cpus: float = 0, max_retries: int = 1,
@@ -227,13 +233,15 @@ class IndexRefresher:
         self.corpus_digest = corpus_digest
         self.factory, self.metric, self.shards = factory, metric, shards
         self.embedder_config = {"model": str(encoder_dir), "max_length": max_length,
-                                "batch_size": batch_size, "normalize": normalize,
+                                "batch_size": batch_size, "sort_window": sort_window,
+                                "normalize": normalize,
                                 "exclude_special_tokens": exclude_special_tokens,
                                 "precision": precision}
         resolved = resolve_precision(precision, "cpu") if precision == "auto" else precision
-        self.settings = json.dumps({**self.embedder_config, "model": None, "metric": metric,
-                                    "precision": resolved, "batch_size": None},
-                                   sort_keys=True)
+        # Everything that changes the vectors (batching does, in the last bits); the encoder
+        # folder stands for its tokenizer and config (the weights are hashed from the state).
+        self.settings = json.dumps({**self.embedder_config, "metric": metric,
+                                    "precision": resolved}, sort_keys=True)
         self.threads, self.actor_cpus, self.max_retries = threads, actor_cpus, max_retries
         self.crash_after_shards = crash_after_shards
         self.backend = self._pick_backend(backend)
