@@ -31,6 +31,7 @@ from retro.platform.results import Results, read_results
 from retro.platform.runs import RunRecord, find_runs, resolve_run
 from retro.platform.stats import LEVEL, RESAMPLES
 from retro.platform.store import ArtifactStore
+from retro.platform.report_arms import ArmRow, arm_rows, arm_table
 from retro.platform.report_plots import make_plots
 
 
@@ -49,6 +50,7 @@ class StageInfo:
     inputs: dict[str, str] = field(default_factory=dict)   # slot -> producing stage id
     results: Results | None = None                          # what the stage declared
     path: Path | None = None                                # its artifact folder
+    seconds: float | None = None                            # its run time (manifest)
 
     @property
     def is_eval(self) -> bool:
@@ -84,6 +86,7 @@ class Report:
     markdown: Path | None = None
     headline: list[HeadlineRow] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
+    arms: list[ArmRow] = field(default_factory=list)        # several arms vs one base
 
     def to_json(self) -> dict[str, Any]:
         return {"run": self.run, "status": self.status, "spec": self.spec_name,
@@ -96,6 +99,7 @@ class Report:
                                              "n": c.estimate.n} for v, c in r.cells.items()}}
                              for r in self.headline],
                 "comparisons": [c.to_json() for c in self.comparisons],
+                "arms": [r.to_json() for r in self.arms],
                 "differences": [{"path": p, "values": v} for p, v in self.differences],
                 "stages": [{"id": s.id, "name": s.name, "stage": s.stage, "key": s.key,
                             "variants": s.variants, "state": s.state, "summary": s.summary}
@@ -172,6 +176,7 @@ def add_statistics(report: Report, plan_variants: dict[str, dict[str, str]]) -> 
     report.comparisons = sorted(comps, key=lambda c: (
         metric_order.index((c.set, c.metric)), kinds[c.kind],
         min(variant_order.get(v, 0) for v in c.variants or [""])))
+    report.arms = arm_rows(report.stages, scored, report.comparisons)
 
 
 def headline(scored: list[Scored], plan_variants: dict[str, dict[str, str]]
@@ -212,7 +217,8 @@ def _stage_info(s: dict[str, Any], state: str, store: Path) -> StageInfo:
     artifacts = ArtifactStore(store)
     art = artifacts.path(s["stage"], s["key"])
     try:
-        info.summary = json.loads((art / "manifest.json").read_text()).get("summary", {})
+        manifest = json.loads((art / "manifest.json").read_text())
+        info.summary, info.seconds = manifest.get("summary", {}), manifest.get("seconds")
         info.path, info.results = art, read_results(art)
     except (OSError, ValueError):
         pass
@@ -319,6 +325,13 @@ def to_markdown(report: Report) -> str:
                   f"bootstrap {LEVEL:.0%} CI ({RESAMPLES:,} resamples, seeded); \"within "
                   "noise\" when the CI includes 0.", "",
                   _md_rows(comparison_rows(report))]
+    if report.arms:
+        lines += ["", "## Arms against one base: quality and cost", "",
+                  "Each arm (e.g. a retrieval-LM family) against the base it is paired with: "
+                  "paired bootstrap CI of the relative Δ; cost beside the base: the arm's "
+                  "`*_per_token` summary counts, the stages it needs that the base does not "
+                  "(their artifact bytes and seconds) and which of them train.", "",
+                  _md_rows(arm_table(report.arms, report.variants, fmt_ci, sig))]
     if report.plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in report.plots]
     evals = report.eval_metrics

@@ -7,6 +7,9 @@
                   CI; 0 is marked
     curves.png    training curves of every variant on one chart (loss-like series first)
     metrics.png   final evaluation metrics (or stage summaries) per variant, small multiples
+    arms.png      the arms table (several arms vs one base, e.g. retrieval-LM families): the
+                  headline metric per arm and its relative Δ vs the base, 95% CIs, the arms
+                  that needed training marked
 
 Like the report, the plots know no stage names: they draw what stages declared.
 """
@@ -25,7 +28,7 @@ def make_plots(report: Any, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg", force=True)
     out = []
-    for fn in (_headline, _deltas, _curves, _metrics):
+    for fn in (_headline, _deltas, _arms, _curves, _metrics):
         path = fn(report, out_dir)
         if path is not None:
             out.append(path)
@@ -152,6 +155,47 @@ def _metrics(report: Any, out_dir: Path) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{report.run}: final metrics per variant")
     return _save(fig, out_dir / "metrics.png")
+
+
+def _arms(report: Any, out_dir: Path) -> Path | None:
+    rows = getattr(report, "arms", [])
+    if not rows:
+        return None
+    import matplotlib.pyplot as plt
+
+    metric = next((m for m, e in rows[0].estimates.items() if e.decl.headline),
+                  next(iter(rows[0].estimates), None))
+    if metric is None:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.8), sharey=True)
+    labels = []
+    for y, r in enumerate(rows):
+        trained = bool(r.training)
+        label = r.name + ("" if set(r.variants) == set(report.variants)
+                          else f" [{', '.join(r.variants)}]") + (" (trained)" if trained else "")
+        labels.append(label)
+        e = r.estimates.get(metric)
+        if e is not None:
+            v = e.estimate
+            left.errorbar([v.value], [y], xerr=[[max(v.value - v.lo, 0)], [max(v.hi - v.value, 0)]],
+                          fmt="s" if trained else "o", capsize=3, color="C1" if trained else "C0")
+        if r.versus is not None:
+            d = r.versus.diff
+            mid, lo, hi = 100 * d.rel, 100 * d.rel_lo, 100 * d.rel_hi
+            color = "0.6" if d.within_noise else ("C2" if r.versus.verdict == "better" else "C3")
+            right.errorbar([mid], [y], xerr=[[max(mid - lo, 0)], [max(hi - mid, 0)]], fmt="o",
+                           color=color, capsize=3)
+            right.annotate(f"vs {r.versus.b}", (mid, y), xytext=(6, 4),
+                           textcoords="offset points", fontsize=6)
+    left.set_yticks(range(len(rows)), labels, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlabel(f"{metric} (95% CI)")
+    left.grid(alpha=0.3)
+    right.axvline(0.0, color="k", linewidth=0.8)
+    right.set_xlabel(f"Δ {metric} vs base, % (paired 95% CI)")
+    right.grid(alpha=0.3)
+    fig.suptitle(f"{report.run}: arms vs {rows[0].name}")
+    return _save(fig, out_dir / "arms.png")
 
 
 def _grid(n: int, width: float) -> tuple[Any, list[Any]]:

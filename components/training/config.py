@@ -232,6 +232,9 @@ class RunSettings(TrainSettings):
     replicating them (DDP); for models that do not fit one device."""
     find_unused_parameters: Optional[bool] = None
     """DDP's `find_unused_parameters`; None: detect (see `loop._unused_parameters`)."""
+    activation_checkpointing: Union[bool, int] = False
+    """Recompute decoder blocks in backward (true: every block, N: every N-th, false: off);
+    memory and time change, results do not (`activation_checkpointing.py`)."""
 
 
 def run_settings(settings: TrainSettings, resources: Any) -> RunSettings:
@@ -240,7 +243,9 @@ def run_settings(settings: TrainSettings, resources: Any) -> RunSettings:
                        checkpoint_interval=resources.checkpoint_interval,
                        max_failures=resources.max_failures, fsdp=resources.fsdp,
                        find_unused_parameters=getattr(resources, "find_unused_parameters",
-                                                      None))
+                                                      None),
+                       activation_checkpointing=getattr(resources, "activation_checkpointing",
+                                                        False))
 
 
 @register("trainer", "lm", default=True)

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from retro.components.training.checkpoint import read_checkpoint, write_checkpoint
+from retro.components.training.activation_checkpointing import apply_activation_checkpointing
 from retro.components.training.config import ResolvedSchedule, RunSettings
 from retro.components.training.data import GlobalBatchSampler, TokenRows
+from retro.components.training.precision_policy import PrecisionPolicy
 from retro.platform.errors import UserError
 from retro.platform.timing import Timings
 import numpy as np
@@ -91,6 +93,8 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     device = _device()
     torch.manual_seed(job.seed)                   # identical initial weights on every rank
     model = _fp32_masters(job.model())
+    apply_activation_checkpointing(model, run.activation_checkpointing,
+                                   f"resources.stages.{job.name}.activation_checkpointing")
     start, last_metrics = 0, {}
     with runtime.latest_checkpoint() as ckpt:
         if ckpt is not None:
@@ -103,11 +107,12 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     model.to(device)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"{job.name}: the freeze policy leaves no trainable parameter")
+    policy = PrecisionPolicy(_resolve_precision(run.precision, device), run.fsdp and world > 1)
     unused = run.find_unused_parameters
     if unused is None:
         unused = _unused_parameters(model, job, start, rank, world, device) \
-            if world > 1 and not run.fsdp else False
-    wrapped = _wrap(model, run.fsdp, world, device, find_unused=unused)
+            if world > 1 and not run.fsdp and not policy.by_hand else False
+    wrapped = _wrap(model, run.fsdp, world, device, find_unused=unused, policy=policy)
     params = [p for p in wrapped.parameters() if p.requires_grad]   # FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(_param_groups(wrapped, sched.weight_decay), lr=sched.lr,
                                   betas=sched.betas, fused=False)
@@ -121,10 +126,11 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     val_rows = job.val_data() if job.val_data and run.eval_batches else None
     sampler = GlobalBatchSampler(len(train_rows), sched.global_batch, job.seed)
     precision = _resolve_precision(run.precision, device, log)
-    autocast = _autocast(device, precision)
+    compute = policy.compute(wrapped, world)   # bf16: bf16 weights for forward/backward
+    autocast = compute.context()
     timer = Timings()                       # where the time goes: the stage's manifest
     for step in range(start, sched.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lr = sched.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -137,25 +143,30 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
         for i, mb in enumerate(micro):
             with _grad_sync(wrapped, enabled=i == len(micro) - 1), autocast:
                 with timer("forward"):
-                    s = _loss_sum(wrapped, mb, device)
+                    s = _loss_sum(compute.model, mb, device)
                 with timer("backward"):
                     (s * (world / max(float(n_tok), 1.0))).backward()
+                    compute.after_backward()   # bf16 grads -> the fp32 masters
             loss_sum += s.detach().double().cpu()
         loss = float(_all_sum(loss_sum, world)) / max(float(n_tok), 1.0)
         with timer("optimizer"):
+            compute.before_step()
             grad_norm = _clip(wrapped, params, sched.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            compute.after_step()
         dt = time.perf_counter() - t0
         done = step + 1
         metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": sched.global_batch * train_rows.seq_length / dt,
+                   "cpu_s": time.process_time() - c0,
                    "loss_tokens": float(n_tok)}
         log.write({"kind": "train", **metrics})
         last_metrics.update(train_loss=loss)
         if val_rows is not None and (done % run.eval_interval == 0 or done == sched.steps):
             with timer("eval"):
-                val = evaluate(wrapped, val_rows, run, sched.global_batch, rank, world, device)
+                val = evaluate(compute.model, val_rows, run, sched.global_batch, rank, world,
+                               device)
             log.write({"kind": "eval", "step": done, **val})
             last_metrics.update(val)
         if done % run.checkpoint_interval == 0 or done == sched.steps:
@@ -283,9 +294,12 @@ def _graph_leaves(loss: Any) -> set[int]:
     return leaves
 
 
-def _wrap(model: Any, fsdp: bool, world: int, device: Any, find_unused: bool = False) -> Any:
+def _wrap(model: Any, fsdp: bool, world: int, device: Any, find_unused: bool = False,
+          policy: PrecisionPolicy | None = None) -> Any:
     """DDP (or FSDP2 when asked) across the process group; the bare model when alone.
-    `find_unused`: some trainable parameter gets no gradient (see `_unused_parameters`)."""
+    `find_unused`: some trainable parameter gets no gradient (see `_unused_parameters`).
+    `policy`: bf16 gives every `fully_shard` its mixed-precision policy; without FSDP the
+    bf16 copy syncs gradients itself (`precision_policy.Bf16Compute`), so no DDP."""
     import torch.distributed as dist
 
     if world == 1 or not dist.is_initialized():
@@ -293,9 +307,12 @@ def _wrap(model: Any, fsdp: bool, world: int, device: Any, find_unused: bool = F
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        mp = policy.fsdp_kwargs() if policy is not None else {}
         for module in _shard_units(model):
-            fully_shard(module)
-        fully_shard(model)      # the root holds the rest: embeddings, head, encoder, CCA
+            fully_shard(module, **mp)
+        fully_shard(model, **mp)  # the root holds the rest: embeddings, head, encoder, CCA
+        return model
+    if policy is not None and policy.by_hand:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -95,3 +95,76 @@ def test_a_family_scored_differently_from_the_baseline_is_a_spec_error(tmp_path)
         load_spec(path)
     assert any(i.path == "eval.1" and "max_sequences" in i.message
                for i in err.value.issues)
+
+
+def _retro_spec(tmp, **recipe):
+    """All four families over the recipe's own GPT (a Retro model node + pretrain)."""
+    path = _spec(tmp, None)
+    raw = yaml.safe_load(path.read_text())
+    raw["recipe"].update(recipe)
+    raw["model"] = {"type": "retro", "preset": "retro-tiny", "overrides": {"d_model": 64}}
+    raw["pretrain"] = {"seq_length": 32, "micro_batch": 2,
+                       "gpt": {"steps": 2, "global_batch": 2}, "fit": {"steps": 2,
+                                                                      "global_batch": 2}}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_four_families_share_one_gpt_one_db_and_one_set_of_sequences(tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    plan = build_plan(load_spec(_retro_spec(tmp_path)))
+    n = _count(plan)
+    # shared stages once: the DB, its BM25 index, the two sequence splits, the base GPT
+    for stage in ("tokenizer", "tokenize", "chunk-db", "bm25-index", "gpt-pretrain"):
+        assert n[stage] == 1, stage
+    assert n["sequences"] == 2 and n["neighbours"] == 2
+    assert n["retro-fit"] == 1 and n["gpt-fit"] == 1 and n["knn-datastore"] == 1
+    assert n["eval-ralm"] == 1 and n["eval-knnlm"] == 1
+    by_name = {s.name: s for s in plan.stages}
+    gpt = by_name["gpt-pretrain"].id
+    # one base LM: the no-retrieval baseline, RALM and kNN-LM score the pretrained GPT, and
+    # retro-fit / gpt-fit start from it
+    for name in ("eval-ppl", "eval-ralm", "knn-datastore", "eval-knnlm"):
+        assert by_name[name].inputs["model"] == gpt, name
+    for name in ("retro-fit", "gpt-fit"):
+        assert by_name[name].inputs["init"] == gpt, name
+    # the same held-out tokens for every family, the same train tokens for every training
+    valid = {by_name[x].inputs["sequences"] for x in
+             ("eval-ppl", "eval-ralm", "eval-knnlm", "eval-ppl-retro",
+              "eval-ppl-retro-encoder-off", "eval-ppl-gpt-fit")}
+    train = {by_name[x].inputs["sequences"] for x in
+             ("gpt-pretrain", "retro-fit", "gpt-fit", "knn-datastore")}
+    assert len(valid) == 1 and len(train) == 1 and valid != train
+    # RALM's documents and RETRO's neighbours come from the same DB index
+    assert by_name["eval-ralm"].inputs["bm25"] == by_name["neighbours-train"].inputs["bm25"]
+    assert by_name["eval-ppl-retro"].inputs["model"] == by_name["retro-fit"].id
+    assert "neighbours" not in by_name["eval-ppl-gpt-fit"].inputs
+
+
+def test_without_gpt_fit_or_gate0_the_retro_arm_is_retro_fit_alone(tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    plan = build_plan(load_spec(_retro_spec(tmp_path, gpt_fit=False, ppl_gate0=False)))
+    names = {s.name for s in plan.stages}
+    assert "retro-fit" in names and "eval-ppl-retro" in names
+    assert not names & {"gpt-fit", "eval-ppl-gpt-fit", "eval-ppl-retro-encoder-off"}
+
+
+def test_a_retro_arm_trained_on_other_sequences_is_a_spec_error(tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    from retro.platform.errors import SpecError
+
+    path = _retro_spec(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["pretrain"]["seq_length"] = 64                  # recipe.seq_length is 32
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert any(i.path == "pretrain.seq_length" for i in err.value.issues)
+    del raw["pretrain"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert any(i.path == "pretrain" for i in err.value.issues)

@@ -156,7 +156,7 @@ def test_report_opens_with_headline_and_comparisons(quiz_sweep, tmp_path):
     assert data["bootstrap"]["resamples"] == 10_000
     assert {c["verdict"] for c in data["comparisons"]} >= {"better", "worse", "within noise"}
     names = sorted(p.name for p in rep.plots)
-    assert names == ["deltas.png", "headline.png", "metrics.png"]
+    assert names == ["arms.png", "deltas.png", "headline.png", "metrics.png"]  # 2 arms, 1 base
     for p in rep.plots:
         img = mpimg.imread(p)
         assert p.stat().st_size > 10_000 and img[..., :3].std() > 0.05
@@ -165,7 +165,8 @@ def test_report_opens_with_headline_and_comparisons(quiz_sweep, tmp_path):
 def test_platform_report_names_no_stage():
     """The report, its comparisons and plots never name an evaluator's stages."""
     root = Path(retro.platform.report.__file__).parent
-    for name in ("report.py", "report_plots.py", "comparisons.py", "results.py", "stats.py"):
+    for name in ("report.py", "report_plots.py", "report_arms.py", "comparisons.py",
+                 "results.py", "stats.py"):
         text = (root / name).read_text()
         for stage in ("eval-ppl", "eval-qa", "qa-retrieve", "retro-fit", "gpt-fit"):
             assert stage not in text, (name, stage)

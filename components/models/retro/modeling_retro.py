@@ -321,6 +321,7 @@ class RetroForCausalLM(nn.Module):
         else:
             self.encoder, self.cca = None, nn.ModuleDict()
         self.gate = config.gate
+        self.checkpoint_every = 0  # activation checkpointing (set_activation_checkpointing)
 
     def _init_fresh(self, name, module):
         """Megatron's init: normal(0, init_std); the output projections of attention and MLP
@@ -368,6 +369,31 @@ class RetroForCausalLM(nn.Module):
         norm = self.decoder.transformer.ln_f if self.arch.family == "gpt2" else self.decoder.model.norm
         return self.decoder.lm_head(norm(h))
 
+    def _block(self, i, layer, h, rope, nb_emb, nb_mask, enc):
+        """Decoder layer `i` (1-based): self-attention, CCA when the layer has one and
+        `nb_emb` is given (the first CCA layer runs the encoder, later ones reuse `enc`), MLP.
+        Returns (h, enc). One function, so activation checkpointing can recompute it."""
+        h = self._self_attention(layer, h, rope)
+        if nb_emb is not None and str(i) in self.cca:
+            b, n, _ = h.shape
+            m = self.config.chunk_length
+            l = n // m
+            cca = self.cca[str(i)]
+            x = cca.norm(h)  # [b, n, d]
+            if enc is None:  # the first CCA layer runs the encoder; later ones reuse it
+                chunks = x[:, : l * m].reshape(b * l, m, -1)  # [b·l, m, d]
+                enc = self.encoder(nb_emb, nb_mask, chunks)  # [b·l, k·r, d]
+            h = h + self.gate * cca(x, enc, nb_mask.reshape(b * l, -1))
+        return self._mlp(layer, h), enc
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute decoder blocks 1, 1 + every, 1 + 2·every, ... in backward instead of
+        keeping their activations (0: off). An execution setting: not saved, numerics
+        unchanged (the RNG state is replayed, so dropout masks match)."""
+        if every < 0:
+            raise ValueError(f"activation checkpointing every {every} blocks: use 0 (off) or N >= 1")
+        self.checkpoint_every = int(every)
+
     # Retrieval inputs.
 
     def _neighbours(self, neighbours, b, n):
@@ -411,16 +437,17 @@ class RetroForCausalLM(nn.Module):
             nb_mask = nb >= 0
             nb_emb = self.decoder.get_input_embeddings()(nb.clamp(min=0))  # [b·l, k, r, d]
             enc = None
+        else:
+            nb_emb = nb_mask = enc = None
+        every = self.checkpoint_every if torch.is_grad_enabled() else 0
         for i, layer in enumerate(self._layers(), start=1):
-            h = self._self_attention(layer, h, rope)
-            if retrieve and str(i) in self.cca:
-                cca = self.cca[str(i)]
-                x = cca.norm(h)  # [b, n, d]
-                if enc is None:  # the first CCA layer runs the encoder; later ones reuse it
-                    chunks = x[:, : l * m].reshape(b * l, m, -1)  # [b·l, m, d]
-                    enc = self.encoder(nb_emb, nb_mask, chunks)  # [b·l, k·r, d]
-                h = h + self.gate * cca(x, enc, nb_mask.reshape(b * l, -1))
-            h = self._mlp(layer, h)
+            args = (i, layer, h, rope, nb_emb, nb_mask, enc)
+            if every and (i - 1) % every == 0:  # keep the block's inputs, recompute the rest
+                from torch.utils.checkpoint import checkpoint
+
+                h, enc = checkpoint(self._block, *args, use_reentrant=False)
+            else:
+                h, enc = self._block(*args)
         logits = self._head(h)  # [b, n, V]
         loss = None if labels is None else masked_ce(logits, labels, loss_mask)
         return RetroOutput(logits=logits, loss=loss)
