@@ -99,9 +99,10 @@ class RefreshWorker:
 
         from retro.components.retrieval.embedders import HFMeanPoolEmbedder
 
-        torch.set_num_threads(max(1, threads))
         self.texts = list(texts)
         self.in_process = in_process         # thread backend: a crash must not exit the trainer
+        if not in_process:                   # torch's thread count is per process: not the trainer's
+            torch.set_num_threads(max(1, threads))
         self.embedder = HFMeanPoolEmbedder(HFMeanPoolEmbedder.Config(**embedder_config))
         self.embedder.load()
 
@@ -212,7 +213,8 @@ class IndexRefresher:
         threads: torch threads of the worker.
         backend: `ray` (an actor; needs a Ray connection), `thread`, or `auto` (ray when
             `ray.is_initialized()`).
-        actor_cpus: logical CPUs the actor reserves.
+        actor_cpus, actor_gpus: logical CPUs / GPUs the actor reserves (a GPU actor embeds on
+            its GPU; without one the embedder runs on CPU).
         max_retries: times a refresh whose worker died is resubmitted on a fresh worker.
         crash_after_shards: fault injection for tests: the first attempt of each refresh dies
             after writing this many shards.
@@ -223,7 +225,8 @@ class IndexRefresher:
                  normalize: bool = True,
                  exclude_special_tokens: bool = True, precision: str = "auto",
                  factory: str = "Flat", metric: str = "ip", shards: int = 4, threads: int = 1,
-                 backend: Backend = "auto", actor_cpus: float = 0, max_retries: int = 1,
+                 backend: Backend = "auto", actor_cpus: float = 0, actor_gpus: float = 0,
+                 max_retries: int = 1,
                  crash_after_shards: Optional[int] = None):
         from retro.components.precision import resolve_precision
 
@@ -242,7 +245,8 @@ class IndexRefresher:
         # folder stands for its tokenizer and config (the weights are hashed from the state).
         self.settings = json.dumps({**self.embedder_config, "metric": metric,
                                     "precision": resolved}, sort_keys=True)
-        self.threads, self.actor_cpus, self.max_retries = threads, actor_cpus, max_retries
+        self.threads, self.actor_cpus, self.actor_gpus = threads, actor_cpus, actor_gpus
+        self.max_retries = max_retries
         self.crash_after_shards = crash_after_shards
         self.backend = self._pick_backend(backend)
         self._worker: Any = None
@@ -260,7 +264,8 @@ class IndexRefresher:
         if self.backend == "ray":
             import ray
 
-            actor = ray.remote(RefreshWorker).options(num_cpus=self.actor_cpus, max_restarts=0)
+            actor = ray.remote(RefreshWorker).options(num_cpus=self.actor_cpus,
+                                                      num_gpus=self.actor_gpus, max_restarts=0)
             self._worker = actor.remote(self.texts, self.embedder_config, self.threads)
         else:
             self._worker = (ThreadPoolExecutor(1, thread_name_prefix="index-refresh"),

@@ -166,11 +166,17 @@ def test_searches_never_see_a_half_swapped_index(tmp_path, encoder_dir):
 
     thread = threading.Thread(target=hammer)
     thread.start()
-    for i in range(300):
+    deadline = time.time() + 60
+    for i in range(100_000):                      # >= 300 swaps, until both were searched often
         live.swap(b if i % 2 == 0 else a)
+        time.sleep(0.0002)                        # let the searcher in between swaps
+        if i >= 300 and min(seen.values()) >= 50 or time.time() > deadline:
+            break
     stop.set()
     thread.join()
-    assert not bad and min(seen.values()) > 0, seen
+    assert not bad, f"{len(bad)} searches mixed two snapshots"
+    assert min(seen.values()) >= 50, seen
+    live.swap(a)
     half = IndexSnapshot(digest="0" * 64, path=tmp_path / ("0" * 64), step=2)
     (tmp_path / half.digest).mkdir()
     np.save(tmp_path / half.digest / "embeddings.npy", np.zeros((3, 32), np.float32))
