@@ -342,6 +342,19 @@ class IndexRefresher:
         self.submit(doc_encoder_state, step)
         return self.wait()
 
+    def prune(self, keep: set[str]) -> list[str]:
+        """Delete every refreshed index under `root` whose digest is not in `keep` (nor in
+        flight); returns the deleted digests. Keep what the latest checkpoint points at."""
+        import shutil
+
+        if self._pending is not None:
+            keep = keep | {self._pending["job"]["digest"]}
+        gone = [p.name for p in self.root.iterdir()
+                if p.is_dir() and len(p.name) == 64 and p.name not in keep]
+        for name in gone:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        return gone
+
     def close(self) -> None:
         """Stop the worker (an unfinished refresh keeps its finished shards on disk)."""
         self._stop_worker()

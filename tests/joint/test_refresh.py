@@ -193,6 +193,9 @@ def test_resume_loads_the_index_last_used(tmp_path, encoder_dir):
     resumed = LiveIndex.load(tmp_path, snap.digest)    # what a checkpoint's digest restores
     assert resumed.snapshot.step == 5
     np.testing.assert_array_equal(resumed.search(q, 4)[1], LiveIndex(snap).search(q, 4)[1])
+    old = r.build_now(_state(encoder_dir), 0)
+    assert r.prune({snap.digest}) == [old.digest]      # older refreshes can be dropped
+    assert sorted(p.name for p in tmp_path.iterdir()) == [snap.digest]
 
 
 # -- crash mid-refresh -------------------------------------------------------------------------
