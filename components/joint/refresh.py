@@ -152,6 +152,12 @@ class RefreshWorker:
             (out / shard_name(a, b)).unlink(missing_ok=True)
         return meta
 
+    def embed_with(self, state: dict[str, Any], texts: list[str]) -> np.ndarray:
+        """`texts` embedded by the encoder `state` exactly as a refresh embeds (same precision
+        path): what a staleness check compares the stale embeddings with."""
+        self._load_state(state)
+        return self.embedder.embed(list(texts))
+
     def _load_state(self, state: dict[str, Any]) -> None:
         model = self.embedder._model
         try:
@@ -250,6 +256,7 @@ class IndexRefresher:
         self.crash_after_shards = crash_after_shards
         self.backend = self._pick_backend(backend)
         self._worker: Any = None
+        self._local: Optional[RefreshWorker] = None      # in-process embedder of `embed`
         self._pending: Optional[dict] = None     # job, handle (ref / future), attempt, state
 
     @staticmethod
@@ -341,6 +348,21 @@ class IndexRefresher:
         """Synchronous refresh (the initial index)."""
         self.submit(doc_encoder_state, step)
         return self.wait()
+
+    def embed(self, doc_encoder_state: dict[str, Any], texts: list[str]) -> np.ndarray:
+        """Embed `texts` in this process with the encoder state, through the same embedder,
+        settings and precision as a refresh (bf16 weights under `precision: auto` here), so a
+        staleness probe compares like with like: with the snapshot's own state the recall is 1.
+        (Feeding the probe an fp32 tower against a bf16 refresh would show drift that is only
+        rounding.)"""
+        if self._local is None:
+            self._local = RefreshWorker([], self.embedder_config, in_process=True)
+        return self._local.embed_with(doc_encoder_state, texts)
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision refreshes embed in (`bf16` / `fp32`)."""
+        return json.loads(self.settings)["precision"]
 
     def prune(self, keep: set[str]) -> list[str]:
         """Delete every refreshed index under `root` whose digest is not in `keep` (nor in

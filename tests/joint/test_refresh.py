@@ -111,6 +111,9 @@ def test_refresh_equals_the_embedder_and_is_not_redone(tmp_path, encoder_dir):
     # Flat inner-product index: the top-1 of a document's own vector is that document.
     _, ids = LiveIndex(snap).search(expected[:20], 1)
     assert ids[:, 0].tolist() == list(range(20))
+    # The trainer-side embedding of a probe (one whole window here) is the refresh's, bit for bit.
+    np.testing.assert_array_equal(r.embed(_state(encoder_dir), TEXTS[16:32]),
+                                  snap.embeddings()[16:32])
     again = r.build_now(_state(encoder_dir), step=7)       # same snapshot: a cache hit
     assert again.digest == snap.digest and again.meta["started_at"] == snap.meta["started_at"]
     r.close()
