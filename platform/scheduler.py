@@ -40,6 +40,9 @@ def ray_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"rr{os.getuid()}"))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # A training stage's workers wait for the CPUs other stages of the plan hold (a fit beside
+    # an eval on a 2-core machine) instead of failing after Ray Train's 60 s default.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
