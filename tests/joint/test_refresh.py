@@ -254,3 +254,24 @@ def test_minilm_refresh_reproduces_the_db_embeddings(tmp_path):
     auto = IndexRefresher(tmp_path, texts, "c", path, max_length=64, precision="auto",
                           backend="thread")
     assert (auto.digest(state) == r.digest(state)) == (resolve_precision("auto") == "fp32")
+
+
+# -- staleness of a real refresh -----------------------------------------------------------------
+def test_probe_staleness_matches_a_full_refresh(tmp_path, encoder_dir):
+    """The probe's fresh embeddings (`IndexRefresher.embed`, in the trainer's process) are the
+    ones a refresh would write, so over the whole corpus the probe recall equals the recall of
+    the stale index against the refreshed one; the unperturbed tower scores exactly 1."""
+    from retro.components.joint.staleness import StalenessProbe, staleness_recall
+
+    r = _refresher(tmp_path, encoder_dir)
+    stale = r.build_now(_state(encoder_dir), 0)
+    moved = _state(encoder_dir, noise=0.3)
+    fresh = r.build_now(moved, 1)
+    r.close()
+    queries = [f"subject {i % 7} detail {i}" for i in range(12)]
+    cfg = RefreshConfig(probe_queries=12, probe_docs=len(TEXTS), probe_k=5)
+    probe = StalenessProbe.build(queries, TEXTS, cfg)
+    q_enc = lambda t: r.embed(moved, t)                      # noqa: E731 - the current query tower
+    expected = staleness_recall(stale, fresh.embeddings(), q_enc(probe.query_texts), 5)
+    assert probe.measure(q_enc, lambda t: r.embed(moved, t), stale) == expected < 1.0
+    assert probe.measure(q_enc, lambda t: r.embed(_state(encoder_dir), t), stale) == 1.0
