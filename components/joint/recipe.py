@@ -95,8 +95,9 @@ class JointRecipe(BaseRecipe):
                                   reads={"joint": "recipe.joint", **RETRIEVER_READS},
                                   consts={"arm": arm, "every": self.config.every,
                                           "exclude_questions": exclude},
-                                  inputs={"lm": base, **{s: db[s] for s in
-                                                         ("tokenizer", "tokens", "chunk_db")}})
+                                  inputs={"lm": base, "embeddings": call(calls, "embed"),
+                                          **{s: db[s] for s in ("tokenizer", "tokens",
+                                                                "chunk_db")}})
         calls += made.values()
         seq = None
         if self.config.sequential is not None:

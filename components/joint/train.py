@@ -33,7 +33,7 @@ from retro.components.joint.reader import align_y, render_example, token_logprob
 from retro.components.radit.stages import HeldOutQuestions
 from retro.platform.errors import InputDataError, UserError
 from retro.platform.spec.node import Node
-from retro.platform.stage import StageContext, StageParams, stage
+from retro.platform.stage import Slot, StageContext, StageParams, stage
 
 CHECKPOINT = "checkpoint.pt"
 QUERY_ENCODER, DOC_ENCODER, INDEX_DIR = "query_encoder", "doc_encoder", "index"
@@ -64,13 +64,16 @@ def _estimate(p: JointTrainParams) -> dict[str, Any]:
 
 @stage("joint-train", version="1", params=JointTrainParams, estimate=_estimate,
        inputs={"lm": "the reader LM to tune (import-gguf, lm-folder)",
+               "embeddings": Slot("the DB's chunk embeddings (embed): the initial index when "
+                                  "the towers start from the same encoder", optional=True),
                "tokenizer": "the DB tokenizer (tokenizer)", "tokens": "document tokens (tokenize)",
                "chunk_db": "the chunk table (chunk-db)"})
 def joint_train(ctx: StageContext[JointTrainParams]) -> dict[str, Any]:
     """Train the reader and the retriever together over an asynchronously refreshed index.
 
     Params: `joint` (recipe.joint), `arm`, `every`, `retriever_type`, `embedder`, `index`,
-    `exclude_questions`. Inputs: `lm` (a causal-LM folder), `tokenizer`, `tokens`, `chunk_db`.
+    `exclude_questions`. Inputs: `lm` (a causal-LM folder), `tokenizer`, `tokens`, `chunk_db`,
+    optional `embeddings` (embed: seeds the initial index instead of re-embedding the corpus).
     Files: the tuned LM at the root (config.json, weights, tokenizer: what eval-qa loads),
     `query_encoder/`, `doc_encoder/`, `index/` (the final index: embeddings.npy, index.faiss,
     meta.json), `refreshes.jsonl`, `staleness.jsonl`, `joint.json`, `joint.png` (loss and
@@ -153,7 +156,7 @@ class JointTrainer:
                 self.refresher.submit(self.pending_state["state"], self.pending_state["step"])
         else:
             t0 = time.time()
-            snap = self.refresher.build_now(self.d.model.state_dict(), 0)
+            snap = self._seed_initial() or self.refresher.build_now(self.d.model.state_dict(), 0)
             self.initial = {"digest": snap.digest, "seconds": time.time() - t0,
                             "meta": snap.meta}
             self.live = LiveIndex(snap)
@@ -161,6 +164,41 @@ class JointTrainer:
             ctx.log.info("joint: initial index %s, %d chunks in %.1fs", snap.digest[:12],
                          len(self.corpus), time.time() - t0)
         self._probe()
+
+    def _seed_initial(self) -> Any:
+        """The initial snapshot from the DB's `embed` output when that is what a refresh of the
+        untrained document tower would write (float32 vectors of this corpus from the same
+        encoder and settings: the refresher reproduces the embed stage bit for bit), so no arm
+        pays a full re-embedding before its first step. None: build it."""
+        from retro.components.joint.live_index import EMBEDDINGS, INDEX, META, IndexSnapshot
+        from retro.components.joint.refresh import RefreshWorker
+        from retro.platform.store import write_json_atomic
+
+        art = self.ctx.inputs.get("embeddings")
+        if art is None:
+            return None
+        emb = np.load(Path(art.path) / "embeddings.npy", mmap_mode="r")
+        if emb.dtype != np.float32 or emb.shape[0] != len(self.corpus):
+            return None
+        probe = self._embed(self.d, self.corpus[:8])          # same encoder? (cheap check)
+        if not np.allclose(probe, emb[:8], atol=1e-4):
+            self.ctx.log.warning("joint: the DB embeddings are not the document tower's; "
+                                 "building the initial index")
+            return None
+        digest = self.refresher.digest(self.d.model.state_dict())
+        out = self.root / digest
+        if not IndexSnapshot.complete(self.root, digest):
+            out.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            shutil.copyfile(Path(art.path) / "embeddings.npy", out / EMBEDDINGS)
+            RefreshWorker._write_index(out / INDEX, np.asarray(emb), self.factory, self.metric)
+            write_json_atomic(out / META, {
+                "digest": digest, "step": 0, "n_docs": int(emb.shape[0]),
+                "dim": int(emb.shape[1]), "factory": self.factory, "metric": self.metric,
+                "seeded_from": f"embed/{art.key}", "shards": 0, "shards_reused": 0,
+                "seconds": round(time.time() - t0, 4), "started_at": t0,
+                "finished_at": time.time()})
+        return IndexSnapshot.open(self.root, digest)
 
     def _load_lm(self) -> tuple[Any, Any]:
         import torch
