@@ -20,11 +20,16 @@ the fastest step of each variant, and the median.
             chunks (64 GPT-2 tokens of the featured passages, detokenized, as the embed stage
             does), and recall@10 of a bf16-embedded exact index against the fp32 one (queries
             embedded in the same precision as their index).
+    loop    the same Retro step through the product's training loop (`loop.train`), fp32 vs
+            its bf16 path (`training/precision_policy.py`: bf16 weight copy, fp32 masters,
+            AdamW state and loss), widths 256 and 512, FLOP rate as a fraction of the bf16
+            matmul rate measured in the same run. The target's measurement (issue 14).
     curve   the tiny spec's gpt-pretrain loss curve in fp32 vs bf16 (and bf16 twice: identical?)
             through the product's training loop.
 
 Usage:
     .venv/bin/python -m bench.precision train [--widths 256 512] [--rounds 3] [--bf16-params]
+    .venv/bin/python -m bench.precision loop [--widths 256 512] [--rounds 3] [--repeats 2]
     .venv/bin/python -m bench.precision embed [--db 4096] [--queries 256] [--rounds 2]
     .venv/bin/python -m bench.precision curve [--steps 120]
 """
@@ -37,6 +42,7 @@ import copy
 import gzip
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -188,6 +194,91 @@ def print_train(res: dict) -> None:
           f"{res['bf16_matmul_gflops']:.0f} GFLOP/s, fp32 {res['fp32_matmul_gflops']:.0f} GFLOP/s")
 
 
+# ------------------------------------------------------------------------------ loop
+def bench_loop(args) -> dict:
+    """The product's training loop (`loop.train` in-process: `precision_policy`, fp32 AdamW,
+    fp32 loss, the loop's micro-batching and clipping) at the bench dims, fp32 vs bf16 at each
+    width, each run `--rounds` + 1 steps (the first is warm-up), the pairs repeated
+    `--repeats` times in turn. Step times are the loop's own `cpu_s` / wall per train row."""
+    import functools
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from retro.components.training.checkpoint import LocalRuntime
+    from retro.components.training.config import RunSettings, Schedule, resolve_schedule
+    from retro.components.training.data import ArrayNeighbours, NpyRows
+    from retro.components.training.loop import TrainJob, train
+    from retro.components.training.models import build_fresh
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-precision-loop-"))
+    rng = np.random.default_rng(0)
+    rows = 4 * B
+    np.save(work / "train.npy", rng.integers(0, V, (rows, N + 1)).astype(np.uint16))
+    nb = functools.partial(ArrayNeighbours, rng.integers(0, V, (rows, N // M, K, R)))
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, V, (B, N + 1), generator=g)
+    flop_batch = {"input_ids": seq[:, :-1], "labels": seq[:, 1:],
+                  "neighbours": torch.randint(0, V, (B, N // M, K, R), generator=g)}
+    sched = resolve_schedule(Schedule(steps=args.rounds + 1, global_batch=B, lr=1e-4,
+                                      warmup=0), N)
+    steps: dict = {}
+    flops, mm = {}, [matmul_rate(torch.bfloat16)]
+    for width in args.widths:
+        flops[width] = count_flops(build_retro(width), flop_batch)
+    for rep in range(args.repeats):
+        for width in args.widths:
+            node = {"type": "retro", "preset": "retro-tiny", "retro": True,
+                    "overrides": {"d_model": width, "n_heads": width // 64, "max_seq_len": N}}
+            for precision in ("fp32", "bf16"):
+                name = f"w{width}-{precision}-{rep}"
+                job = TrainJob(name=name, seed=0, out_dir=str(work / name), schedule=sched,
+                               model=functools.partial(build_fresh, node, V, M, retro=True),
+                               train_data=NpyRows(str(work / "train.npy"), N, neighbours=nb),
+                               val_data=None,
+                               run=RunSettings(micro_batch=B, eval_batches=0,
+                                               checkpoint_interval=10_000, precision=precision))
+                summary = train(job, LocalRuntime(work / f"{name}-ckpt"))
+                got = [json.loads(x) for x in job.metrics_file.read_text().splitlines()]
+                got = [r for r in got if r["kind"] == "train"][1:]      # drop the warm-up
+                assert summary["precision"] == precision, summary
+                steps.setdefault((width, precision), []).extend(got)
+                shutil.rmtree(work / name, ignore_errors=True)
+                shutil.rmtree(work / f"{name}-ckpt", ignore_errors=True)
+            mm.append(matmul_rate(torch.bfloat16))
+    bf16_mm = max(mm)
+    out = []
+    for (width, precision), got in steps.items():
+        cpu = min(r["cpu_s"] for r in got)
+        fp32 = min(r["cpu_s"] for r in steps[(width, "fp32")])
+        out.append({"width": width, "precision": precision, "step_cpu_s": cpu,
+                    "step_cpu_s_median": statistics.median(r["cpu_s"] for r in got),
+                    "step_wall_s_median": statistics.median(B * N / r["tokens_per_s"]
+                                                            for r in got),
+                    "tokens_per_s": B * N / cpu, "speedup_vs_fp32": fp32 / cpu,
+                    "gflop_per_step": flops[width] / 1e9,
+                    "flop_rate_gflops": flops[width] / cpu / 1e9,
+                    "of_bf16_matmul": flops[width] / cpu / bf16_mm,
+                    "first_loss": got[0]["loss"]})
+    shutil.rmtree(work, ignore_errors=True)
+    return {"rows": out, "bf16_matmul_gflops": bf16_mm / 1e9, "steps_per_run": args.rounds,
+            "repeats": args.repeats}
+
+
+def print_loop(res: dict) -> None:
+    print(f"{'width':>5} {'prec':5} {'cpu s':>7} {'median':>7} {'wall med':>8} {'tok/s':>7} "
+          f"{'x fp32':>6} {'GFLOP':>6} {'GFLOP/s':>8} {'of bf16 mm':>10} {'loss':>7}")
+    for r in sorted(res["rows"], key=lambda r: (r["width"], r["precision"] != "fp32")):
+        print(f"{r['width']:5} {r['precision']:5} {r['step_cpu_s']:7.3f} "
+              f"{r['step_cpu_s_median']:7.3f} {r['step_wall_s_median']:8.3f} "
+              f"{r['tokens_per_s']:7.0f} {r['speedup_vs_fp32']:6.2f} {r['gflop_per_step']:6.1f} "
+              f"{r['flop_rate_gflops']:8.1f} {r['of_bf16_matmul']:10.2f} {r['first_loss']:7.4f}")
+    print(f"bf16 matmul 2048³ (CPU time, best between runs): {res['bf16_matmul_gflops']:.0f} "
+          f"GFLOP/s; {res['repeats']} x {res['steps_per_run']} timed steps per variant")
+
+
 # ------------------------------------------------------------------------------ embed
 def wiki_chunks(n: int, skip: int = 0) -> list[str]:
     """`n` real DB-style chunks: 64 GPT-2 tokens of consecutive featured passages, decoded."""
@@ -293,11 +384,12 @@ def bench_curve(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["train", "embed", "curve"])
+    ap.add_argument("what", choices=["train", "loop", "embed", "curve"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bf16-params", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="loop: fp32/bf16 pairs in turn")
     ap.add_argument("--db", type=int, default=4096)
     ap.add_argument("--queries", type=int, default=256)
     ap.add_argument("--steps", type=int, default=120)
@@ -307,12 +399,15 @@ def main() -> None:
     from retro.components.precision import hardware_text
 
     load0 = os.getloadavg()
-    res = {"train": bench_train, "embed": bench_embed, "curve": bench_curve}[args.what](args)
+    res = {"train": bench_train, "loop": bench_loop, "embed": bench_embed,
+           "curve": bench_curve}[args.what](args)
     res["env"] = {"threads": args.threads, "hardware": hardware_text("cpu"),
                   "load_avg_start_end": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
                   "rounds": args.rounds}
     if args.what == "train":
         print_train(res)
+    elif args.what == "loop":
+        print_loop(res)
     elif args.what == "curve":
         for name, r in res["runs"].items():
             print(f"{name:11} {r['precision']} cpu {r['cpu_s']:.0f}s train loss "

@@ -250,11 +250,13 @@ class RetroEncoder(nn.Module):
         self.layers = nn.ModuleList(
             RetroEncoderLayer(arch, dropout, cross=(i == 0), rope=rope) for i in range(n_layers))
         self.norm = make_norm(arch)
+        self.checkpoint = False  # recompute each layer in backward (activation checkpointing)
 
     def forward(self, emb, key_mask, chunk_states):
         # emb: [b·l, k, r, d]; key_mask: [b·l, k, r]; chunk_states: [b·l, m, d]
+        run = _checkpointed if self.checkpoint and torch.is_grad_enabled() else _call
         for layer in self.layers:
-            emb = layer(emb, key_mask, chunk_states)
+            emb = run(layer, emb, key_mask, chunk_states)
         bl, k, r, d = emb.shape
         return self.norm(emb.reshape(bl, k * r, d))  # [b·l, k·r, d]
 
@@ -369,30 +371,38 @@ class RetroForCausalLM(nn.Module):
         norm = self.decoder.transformer.ln_f if self.arch.family == "gpt2" else self.decoder.model.norm
         return self.decoder.lm_head(norm(h))
 
-    def _block(self, i, layer, h, rope, nb_emb, nb_mask, enc):
-        """Decoder layer `i` (1-based): self-attention, CCA when the layer has one and
-        `nb_emb` is given (the first CCA layer runs the encoder, later ones reuse `enc`), MLP.
-        Returns (h, enc). One function, so activation checkpointing can recompute it."""
-        h = self._self_attention(layer, h, rope)
-        if nb_emb is not None and str(i) in self.cca:
-            b, n, _ = h.shape
-            m = self.config.chunk_length
-            l = n // m
+    def _block(self, i, layer, h, rope, enc, nb_mask):
+        """Decoder layer `i` (1-based) once the encoder has run (`enc`; None: no retrieval):
+        self-attention, CCA when the layer has one, MLP. What a checkpoint recomputes."""
+        return self._cross_mlp(i, layer, self._self_attention(layer, h, rope), enc, nb_mask)
+
+    def _cross_mlp(self, i, layer, h, enc, nb_mask):
+        if enc is not None and str(i) in self.cca:
             cca = self.cca[str(i)]
             x = cca.norm(h)  # [b, n, d]
-            if enc is None:  # the first CCA layer runs the encoder; later ones reuse it
-                chunks = x[:, : l * m].reshape(b * l, m, -1)  # [b·l, m, d]
-                enc = self.encoder(nb_emb, nb_mask, chunks)  # [b·l, k·r, d]
-            h = h + self.gate * cca(x, enc, nb_mask.reshape(b * l, -1))
-        return self._mlp(layer, h), enc
+            h = h + self.gate * cca(x, enc, nb_mask.reshape(enc.shape[0], -1))
+        return self._mlp(layer, h)
+
+    def _encode(self, i, h, nb_emb, nb_mask):
+        """The encoder over the neighbours, conditioned on the chunks of layer `i`'s states
+        (post self-attention, normed by that layer's CCA norm)."""
+        b, n, _ = h.shape
+        m = self.config.chunk_length
+        l = n // m
+        x = self.cca[str(i)].norm(h)  # [b, n, d]
+        chunks = x[:, : l * m].reshape(b * l, m, -1)  # [b·l, m, d]
+        return self.encoder(nb_emb, nb_mask, chunks)  # [b·l, k·r, d]
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Recompute decoder blocks 1, 1 + every, 1 + 2·every, ... in backward instead of
-        keeping their activations (0: off). An execution setting: not saved, numerics
-        unchanged (the RNG state is replayed, so dropout masks match)."""
+        keeping their activations, and (any `every` > 0) each encoder layer (0: off). An
+        execution setting: not saved, numerics unchanged (the RNG state is replayed, so
+        dropout masks match)."""
         if every < 0:
             raise ValueError(f"activation checkpointing every {every} blocks: use 0 (off) or N >= 1")
         self.checkpoint_every = int(every)
+        if self.encoder is not None:
+            self.encoder.checkpoint = every > 0
 
     # Retrieval inputs.
 
@@ -441,13 +451,17 @@ class RetroForCausalLM(nn.Module):
             nb_emb = nb_mask = enc = None
         every = self.checkpoint_every if torch.is_grad_enabled() else 0
         for i, layer in enumerate(self._layers(), start=1):
-            args = (i, layer, h, rope, nb_emb, nb_mask, enc)
-            if every and (i - 1) % every == 0:  # keep the block's inputs, recompute the rest
-                from torch.utils.checkpoint import checkpoint
-
-                h, enc = checkpoint(self._block, *args, use_reentrant=False)
+            # a checkpointed block keeps its inputs and recomputes the rest in backward
+            run = _checkpointed if every and (i - 1) % every == 0 else _call
+            if retrieve and enc is None and str(i) in self.cca:
+                # the first CCA layer runs the encoder between its self-attention and its
+                # CCA; checkpointed, the encoder is a segment of its own (its layers
+                # recomputed one by one), so no block recompute runs it again
+                h = run(self._self_attention, layer, h, rope)
+                enc = self._encode(i, h, nb_emb, nb_mask)
+                h = run(self._cross_mlp, i, layer, h, enc, nb_mask)
             else:
-                h, enc = self._block(*args)
+                h = run(self._block, i, layer, h, rope, enc, nb_mask)
         logits = self._head(h)  # [b, n, V]
         loss = None if labels is None else masked_ce(logits, labels, loss_mask)
         return RetroOutput(logits=logits, loss=loss)
@@ -492,6 +506,18 @@ class RetroForCausalLM(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{path / RETRO_WEIGHTS}: missing {missing}, unexpected {unexpected}")
         return model.to(device) if device is not None else model
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def _checkpointed(fn, *args):
+    """`fn(*args)` keeping only its inputs for backward, recomputed there (non-reentrant:
+    works with DDP / FSDP2 hooks, replays the RNG state)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def masked_ce(logits, labels, loss_mask=None):
