@@ -426,15 +426,17 @@ class IndexRefresher:
     def _result(self, handle: Any, block: bool, timeout: Optional[float]) -> Optional[dict]:
         if self.backend == "ray":
             import ray
-            from ray.exceptions import RayActorError
+            from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
 
             ready, _ = ray.wait([handle], timeout=(timeout if block else 0))
             if not ready:
                 return None
             try:
                 return ray.get(ready[0])
-            except RayActorError as e:
-                raise _WorkerDied(type(e).__name__) from None
+            except (RayActorError, OutOfMemoryError, WorkerCrashedError) as e:
+                # the process is gone (killed, crashed, or Ray's memory monitor): resumable
+                raise _WorkerDied(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") \
+                    from None
             except ray.exceptions.RayTaskError as e:
                 raise RefreshFailed(f"refresh failed in the worker: {e.cause!r}") from None
         fut: Future = handle
