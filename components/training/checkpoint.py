@@ -1,61 +1,31 @@
-"""Resumable training checkpoints, and where they live (in-process or under Ray Train).
+"""Where resumable checkpoints live (in-process or under Ray Train), and how a checkpoint
+directory appears whole or not at all.
 
-A checkpoint directory holds:
-- `model.safetensors`: the full (unsharded) model state dict;
-- `optimizer.pt`: the full AdamW state, keyed by parameter name (valid for any worker count);
-- `trainer_state.json`: the step reached (which is the data position and the LR schedule's
-  position: both are pure functions of the step), samples/tokens seen, the seed, and the last
-  metrics.
-
-Random state needs no file: the loop reseeds torch from (seed, step, rank) at every step, so a
-resumed run draws the same dropout masks as an uninterrupted one.
+The files are `dcp.py`'s (torch.distributed.checkpoint shards + `trainer_state.json`). A
+runtime gives every rank a scratch directory for a step (`scratch(step)`); once each rank has
+written its part, `report(metrics, scratch)` publishes it: `LocalRuntime` renames the shared
+scratch to `checkpoint_<step>` after a barrier (a crash before that leaves only a `.tmp-`
+directory, which is never read), `RayRuntime` hands each rank's directory to
+`ray.train.report`, which merges them into one checkpoint of the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
 import tempfile
 
-MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "trainer_state.json"
+from retro.components.training.dcp import STATE_FILE, read_checkpoint  # noqa: F401 - API
 
 
-def write_checkpoint(path: Path, model_state: dict, optim_state: dict,
-                     state: dict[str, Any]) -> None:
-    """Write one checkpoint directory (rank 0 only)."""
-    import torch
-    from safetensors.torch import save_file
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
 
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(_untie(model_state), str(path / MODEL_FILE))
-    torch.save(optim_state, path / OPTIM_FILE)
-    (path / STATE_FILE).write_text(json.dumps(state, indent=2, default=float))
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict, dict[str, Any]]:
-    """(model state dict, optimizer state dict, trainer state) of a checkpoint directory."""
-    import torch
-    from safetensors.torch import load_file
-
-    state = json.loads((path / STATE_FILE).read_text())
-    return (load_file(str(path / MODEL_FILE)),
-            torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True), state)
-
-
-def _untie(sd: dict) -> dict:
-    """safetensors refuses tensors sharing memory (tied embeddings): copy the repeats."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in sd.items():
-        v = v.detach().cpu().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return out
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 class LocalRuntime:
@@ -66,7 +36,7 @@ class LocalRuntime:
         keep: how many recent checkpoints to keep.
     """
 
-    rank, world_size = 0, 1
+    rank, world_size = 0, 1     # set both for a process of a multi-process group
 
     def __init__(self, root: Path, keep: int = 2):
         self.root, self.keep = Path(root), keep
@@ -79,17 +49,23 @@ class LocalRuntime:
     def report(self, metrics: dict[str, Any], checkpoint: Optional[Path]) -> None:
         if checkpoint is None:
             return
-        dest = self.root / f"checkpoint_{int(metrics['step']):09d}"
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(checkpoint, dest)   # same filesystem: the checkpoint appears whole or not at all
-        for old in sorted(self.root.glob("checkpoint_*[0-9]"))[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _barrier(self.world_size)          # every rank's shards are on disk
+        if self.rank == 0:
+            dest = self.root / f"checkpoint_{int(metrics['step']):09d}"
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(checkpoint, dest)   # same filesystem: appears whole or not at all
+            for old in sorted(self.root.glob("checkpoint_*[0-9]"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(self.world_size)
 
-    def scratch(self) -> Path:
-        """A fresh directory on the checkpoint filesystem to write a checkpoint into."""
-        d = self.root / f".tmp-checkpoint-{os.getpid()}"
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
+    def scratch(self, step: int) -> Path:
+        """The directory every rank writes the step's checkpoint into (rank 0 empties it)."""
+        d = self.root / f".tmp-checkpoint_{int(step):09d}"
+        if self.rank == 0:
+            for stale in self.root.glob(".tmp-checkpoint*"):   # a crashed attempt's
+                shutil.rmtree(stale, ignore_errors=True)
+            d.mkdir(parents=True)
+        _barrier(self.world_size)
         return d
 
 
@@ -116,11 +92,12 @@ class RayRuntime:
     def report(self, metrics: dict[str, Any], checkpoint: Optional[Path]) -> None:
         import ray.train
 
-        # Every rank calls report (it synchronises); only rank 0 passes the files.
+        # Every rank reports its own shards (distinct file names); Ray merges them into one
+        # checkpoint directory of the run, registered once every rank has uploaded.
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
         ray.train.report(metrics, checkpoint=ckpt)
         if checkpoint is not None:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
-    def scratch(self) -> Path:
-        return Path(tempfile.mkdtemp(prefix="retro-ckpt-"))
+    def scratch(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"retro-ckpt-{int(step)}-"))

@@ -232,6 +232,9 @@ class RunSettings(TrainSettings):
     replicating them (DDP); for models that do not fit one device."""
     find_unused_parameters: Optional[bool] = None
     """DDP's `find_unused_parameters`; None: detect (see `loop._unused_parameters`)."""
+    export_shard_bytes: int = Field(2 * 2**30, ge=1)
+    """Safetensors shard size of the streamed export of an FSDP-trained model
+    (`sharded_export.py`)."""
     activation_checkpointing: Union[bool, int] = False
     """Recompute decoder blocks in backward (true: every block, N: every N-th, false: off);
     memory and time change, results do not (`activation_checkpointing.py`)."""

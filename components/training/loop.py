@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from retro.components.training.checkpoint import read_checkpoint, write_checkpoint
+from retro.components.training.dcp import load_checkpoint, resume_point, save_checkpoint
+from retro.components.training.sharded import materialise, meta_model
+from retro.components.training.sharded_export import export_sharded
 from retro.components.training.activation_checkpointing import apply_activation_checkpointing
 from retro.components.training.config import ResolvedSchedule, RunSettings
 from retro.components.training.data import GlobalBatchSampler, TokenRows
@@ -92,19 +94,17 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     check_global_batch(job, world)
     device = _device()
     torch.manual_seed(job.seed)                   # identical initial weights on every rank
-    model = _fp32_masters(job.model())
+    # FSDP: built on the meta device, sharded by _wrap, then each rank fills its own shards
+    model = meta_model(job.model) if run.fsdp and world > 1 and _distributed() else None
+    on_meta = model is not None
+    model = model if on_meta else _fp32_masters(job.model())
     apply_activation_checkpointing(model, run.activation_checkpointing,
                                    f"resources.stages.{job.name}.activation_checkpointing")
-    start, last_metrics = 0, {}
-    with runtime.latest_checkpoint() as ckpt:
-        if ckpt is not None:
-            model_sd, optim_sd, state = read_checkpoint(ckpt)
-            _check_loaded(model, model_sd, ckpt)
-            model.load_state_dict(model_sd, strict=False)
-            start, last_metrics = int(state["step"]), state.get("metrics", {})
-        else:
-            optim_sd = None
-    model.to(device)
+    resume = contextlib.ExitStack()           # the checkpoint stays readable until loaded
+    ckpt = resume.enter_context(runtime.latest_checkpoint())
+    start, last_metrics = resume_point(ckpt)
+    if not on_meta:
+        model.to(device)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"{job.name}: the freeze policy leaves no trainable parameter")
     policy = PrecisionPolicy(_resolve_precision(run.precision, device), run.fsdp and world > 1)
@@ -113,11 +113,14 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
         unused = _unused_parameters(model, job, start, rank, world, device) \
             if world > 1 and not run.fsdp and not policy.by_hand else False
     wrapped = _wrap(model, run.fsdp, world, device, find_unused=unused, policy=policy)
+    if on_meta:
+        materialise(wrapped, job.seed, device)
     params = [p for p in wrapped.parameters() if p.requires_grad]   # FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(_param_groups(wrapped, sched.weight_decay), lr=sched.lr,
                                   betas=sched.betas, fused=False)
-    if optim_sd is not None:
-        _load_optimizer(wrapped, optimizer, optim_sd)
+    with resume:
+        if ckpt is not None:      # any world size's shards, resharded (dcp.py)
+            load_checkpoint(ckpt, wrapped, optimizer, job.name)
     log = _MetricsWriter(job.metrics_file if rank == 0 else None)
     if start:
         log.write({"kind": "resume", "step": start})
@@ -173,7 +176,7 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
             with timer("checkpoint"):
                 _checkpoint(runtime, wrapped, optimizer, job, done, last_metrics, metrics)
     with timer("io"):
-        _export(job, wrapped, rank, sharded=run.fsdp and world > 1)
+        _export(job, wrapped, rank, sharded=run.fsdp and world > 1 and _distributed())
     return {"steps": sched.steps, "resumed_from": start, "precision": precision,
             "time_s": timer.as_dict(), **last_metrics}
 
@@ -401,59 +404,31 @@ def _clip(model: Any, params: list, max_norm: float) -> float:
     return float(norm)
 
 
-def _full_state(model: Any, optimizer: Any | None) -> tuple[dict, dict]:
-    """Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter names."""
+def _distributed() -> bool:
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-    msd = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer else {}
-    return msd, osd
-
-
-def _load_optimizer(model: Any, optimizer: Any, osd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=osd,
-                             options=StateDictOptions(full_state_dict=True))
-
-
-def _check_loaded(model: Any, sd: dict, where: Path) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    if missing or bad:
-        raise UserError(f"checkpoint {where} does not match the model: missing {missing[:5]}, "
-                        f"wrong shapes {bad[:5]}; the spec's model changed since it was written "
-                        "(remove the stage's work dir to start over)")
+    return dist.is_available() and dist.is_initialized()
 
 
 def _checkpoint(runtime: Any, model: Any, optimizer: Any, job: TrainJob, step: int,
                 last: dict, metrics: dict) -> None:
-    msd, osd = _full_state(model, optimizer)      # collective under FSDP: every rank calls it
-    path = None
-    if runtime.rank == 0:
-        path = runtime.scratch()
-        write_checkpoint(path, msd, osd, {
-            "step": step, "samples_seen": step * job.schedule.global_batch,
-            "seed": job.seed, "world_size": runtime.world_size, "metrics": last})
-    runtime.report({**metrics, "step": step}, path)
+    """Collective: every rank writes its own shards (dcp.py), never the full state."""
+    save_checkpoint(runtime, model, optimizer, {
+        "step": step, "samples_seen": step * job.schedule.global_batch,
+        "seed": job.seed, "world_size": runtime.world_size, "metrics": last}, metrics)
 
 
 def _export(job: TrainJob, wrapped: Any, rank: int, sharded: bool) -> None:
-    """Rank 0 writes the trained model; sharded weights are gathered into a fresh copy first."""
-
-    msd = _full_state(wrapped, None)[0] if sharded else None   # collective: every rank calls
+    """Rank 0 writes the trained model; sharded weights stream out one tensor at a time
+    (sharded_export.py: no rank gathers the whole model)."""
+    if sharded:
+        export_sharded(wrapped, job.final_dir, rank, job.export,
+                       max_shard_bytes=job.run.export_shard_bytes)
+        return
     if rank != 0:
         return
-    model = _unwrap(wrapped)
-    if sharded:
-        model = _fp32_masters(job.model())
-        model.load_state_dict(msd, strict=False)
     shutil.rmtree(job.final_dir, ignore_errors=True)
-    (job.export or _save_pretrained)(model, job.final_dir)
+    (job.export or _save_pretrained)(_unwrap(wrapped), job.final_dir)
 
 
 def _save_pretrained(model: Any, path: Path) -> None:

@@ -30,7 +30,8 @@ def model_node(node: dict[str, Any], *, retro: bool) -> Any:
 
 
 def build_fresh(node: dict[str, Any], vocab_size: int, chunk_length: int, *, retro: bool,
-                init_dir: Optional[str] = None, freeze: bool = True) -> Any:
+                init_dir: Optional[str] = None, freeze: bool = True,
+                device: Optional[str] = None) -> Any:
     """A model from the spec's `model` node: random weights, or the decoder of `init_dir`
     (`init_from_gpt`; encoder and CCA start fresh), with the freeze policy applied.
 
@@ -41,6 +42,8 @@ def build_fresh(node: dict[str, Any], vocab_size: int, chunk_length: int, *, ret
         retro: build encoder + CCA (False: the plain decoder).
         init_dir: checkpoint to initialise the decoder from (None: `model.init`, if any).
         freeze: apply `model.freeze` (False: everything trains).
+        device: "meta": nothing allocated, nothing loaded; `weight_sources` names the files
+            (the sharded build, `training/sharded.py`).
     """
     from retro.components.models.retro import build_model
 
@@ -49,16 +52,21 @@ def build_fresh(node: dict[str, Any], vocab_size: int, chunk_length: int, *, ret
         cfg = cfg.model_copy(update={"freeze": "unfrozen"})
     source = init_dir or getattr(cfg, "init", None)
     return build_model(cfg, vocab_size, chunk_length, init_dir=init_dir,
-                       load_init=source is not None)
+                       load_init=source is not None, device=device)
 
 
-def load_trained(path: str, *, retrieval: bool = True) -> Any:
+def load_trained(path: str, *, retrieval: bool = True, device: Optional[str] = None) -> Any:
     """A model a training stage wrote (`RetroForCausalLM.from_pretrained`), every weight
     trainable except, with `retrieval=False`, the encoder and CCA: gate 0 bypasses them
-    (InstructRetro's SFT), so they would get no gradient anyway."""
+    (InstructRetro's SFT), so they would get no gradient anyway.
+
+    `device="meta"`: the same model on the meta device, its `weight_sources` naming the files."""
     from retro.components.models.retro import RetroForCausalLM
 
-    model = RetroForCausalLM.from_pretrained(path)
+    if device is not None and str(device) == "meta":
+        model = RetroForCausalLM.on_meta(path)
+    else:
+        model = RetroForCausalLM.from_pretrained(path)
     for p in model.parameters():
         p.requires_grad_(True)
     if not retrieval:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from retro.components.training.checkpoint import LocalRuntime
+from retro.components.training.checkpoint import LocalRuntime, read_checkpoint
 from retro.components.training.data import ArrayNeighbours
 from retro.components.training.launcher import launch
 from retro.components.training.loop import evaluate, train
@@ -128,8 +128,7 @@ def test_freeze_policy_holds_in_the_final_checkpoint(tmp_path):
 
     torch.manual_seed(j.seed)
     start = factory().state_dict()
-    ckpt = load_file(str(sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1] /
-                         "model.safetensors"))
+    ckpt = read_checkpoint(sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1])[0]
     final = load_trained(str(j.final_dir)).state_dict()
     for state in (ckpt, final):
         decoder = [key for key in start if key.startswith("decoder.")]

@@ -16,6 +16,7 @@ from retro.platform.units import human
 from retro.components.models.retro.presets import Dims
 import importlib.util
 from retro.components.models.retro.freeze import apply_freeze
+from retro.components.models.retro.fresh_init import seeded_init
 from retro.platform.registry import registry
 
 
@@ -172,7 +173,8 @@ def build_model(model_cfg, vocab_size: Optional[int] = None, chunk_length: int =
         init_dir: checkpoint directory from a stage output (overrides `model_cfg.init`).
         load_init: load the init checkpoint's decoder weights (`init_from_gpt`); otherwise the
             weights are random (use this for `resume`, which loads a full checkpoint after).
-        device: e.g. "meta" to build without memory (parameter counts).
+        device: e.g. "meta" to build without memory (parameter counts); the meta model's
+            `weight_sources` [(key prefix, safetensors folder)] say what `load_init` would load.
 
     Returns:
         RetroForCausalLM with `.freeze_counts` (apply_freeze's report).
@@ -186,10 +188,14 @@ def build_model(model_cfg, vocab_size: Optional[int] = None, chunk_length: int =
     if load_init and source is None and getattr(model_cfg, "init_gguf", None) is not None:
         raise UserError("model.init_gguf: pass the `import-gguf` stage's output as init_dir "
                         "(or call import_gguf_checkpoint first)")
-    if device is not None and str(device) == "meta":
+    on_meta = device is not None and str(device) == "meta"
+    loads = load_init and source is not None
+    if on_meta:
         with torch.device("meta"):
             model = RetroForCausalLM(config)
-    elif load_init and source is not None:  # init: the checkpoint's decoder, fresh Retro parts
+        # what a sharded materialisation streams into the shards (training/sharded.py)
+        model.weight_sources = [("decoder.", checkpoint_dir(source))] if loads else []
+    elif loads:  # init: the checkpoint's decoder, fresh Retro parts
         # fp32 whatever the checkpoint's dtype (HF LLMs ship bf16): master weights and AdamW
         # state are fp32; compute precision comes only from the spec's `precision` (autocast)
         from transformers import AutoModelForCausalLM
@@ -199,7 +205,11 @@ def build_model(model_cfg, vocab_size: Optional[int] = None, chunk_length: int =
         model = RetroForCausalLM(config, decoder=decoder)
     else:
         model = RetroForCausalLM(config)
-    if device is not None and str(device) != "meta":
+    if not on_meta:   # per-module seeds: the same values as a meta build materialised in shards
+        seeded_init(model, torch.initial_seed(),
+                    loaded=[n for n, _ in model.named_parameters() if n.startswith("decoder.")]
+                    if loads else ())
+    if device is not None and not on_meta:
         model = model.to(device)
     try:
         model.freeze_counts = apply_freeze(model, model_cfg.freeze)

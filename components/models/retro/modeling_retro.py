@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from retro.components.models.retro.layout import RETRO_CONFIG, RETRO_WEIGHTS
+from retro.components.models.retro.layout import RETRO_CONFIG, RETRO_INDEX, RETRO_WEIGHTS
 
 LLAMA_LIKE = ("llama", "phi3", "mistral", "qwen2")
 """transformers model types whose layers are (input_layernorm, self_attn,
@@ -135,9 +135,12 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, percent: float, theta: float):
         super().__init__()
-        self.rot = int(head_dim * percent) // 2 * 2
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.rot, 2, dtype=torch.float) / self.rot))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rot, self.theta = int(head_dim * percent) // 2 * 2, theta
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self):
+        """The inverse frequencies (recomputed after a meta-device build: `fresh_init`)."""
+        return 1.0 / (self.theta ** (torch.arange(0, self.rot, 2, dtype=torch.float) / self.rot))
 
     def forward(self, x):  # x: [B, h, t, hd]
         t = x.shape[-2]
@@ -468,18 +471,24 @@ class RetroForCausalLM(nn.Module):
 
     # Save / load: decoder in transformers layout (decoder/), Retro parts beside it.
 
-    def save_pretrained(self, path) -> Path:
+    def save_pretrained(self, path, weights: bool = True) -> Path:
         """Write `retro_config.json`, `retro.safetensors` (encoder + CCA) and `decoder/`
         (transformers `save_pretrained`, so `AutoModelForCausalLM.from_pretrained(path /
-        "decoder")` loads the decoder alone)."""
+        "decoder")` loads the decoder alone). `weights=False`: the configs only (a sharded
+        model's weights are streamed there by `training/sharded_export.py`)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.decoder.save_pretrained(path / "decoder")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
-                 if not k.startswith("decoder.")}
-        save_file(state, str(path / RETRO_WEIGHTS))
+        if weights:
+            self.decoder.save_pretrained(path / "decoder")
+            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                     if not k.startswith("decoder.")}
+            save_file(state, str(path / RETRO_WEIGHTS))
+        else:
+            self.decoder.config.save_pretrained(path / "decoder")
+            if getattr(self.decoder, "generation_config", None) is not None:
+                self.decoder.generation_config.save_pretrained(path / "decoder")
         config = asdict(self.config) | {"gate": self.gate,
                                         "decoder": self.decoder.config.to_dict()}
         (path / RETRO_CONFIG).write_text(json.dumps(
@@ -500,12 +509,38 @@ class RetroForCausalLM(nn.Module):
         config = RetroConfig(**(raw | {"decoder": decoder.config.to_dict()}))
         model = cls(config, decoder=decoder)
         state = {k: v.float() if v.is_floating_point() else v
-                 for k, v in load_file(str(path / RETRO_WEIGHTS)).items()}
+                 for f in retro_weight_files(path) for k, v in load_file(str(f)).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("decoder.")]
         if missing or unexpected:
             raise ValueError(f"{path / RETRO_WEIGHTS}: missing {missing}, unexpected {unexpected}")
         return model.to(device) if device is not None else model
+
+    @classmethod
+    def on_meta(cls, path) -> "RetroForCausalLM":
+        """The model `from_pretrained(path)` would load, on the meta device (nothing read but
+        the configs); `weight_sources` [(key prefix, folder)] name where its weights are."""
+        from transformers import AutoConfig
+
+        path = Path(path)
+        raw = json.loads((path / RETRO_CONFIG).read_text())
+        raw.pop("architecture", None)
+        decoder = AutoConfig.from_pretrained(path / "decoder").to_dict()
+        with torch.device("meta"):
+            model = cls(RetroConfig(**(raw | {"decoder": decoder})))
+        model.weight_sources = [("decoder.", path / "decoder"), ("", path)]
+        return model
+
+
+def retro_weight_files(path) -> list[Path]:
+    """The encoder + CCA weight files of a saved model: `retro.safetensors`, or the shards its
+    `retro.safetensors.index.json` lists (a streamed export of a large model)."""
+    path = Path(path)
+    index = path / RETRO_INDEX
+    if index.is_file():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"]
+                                             .values()))]
+    return [path / RETRO_WEIGHTS]
 
 
 def _call(fn, *args):
