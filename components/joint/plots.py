@@ -35,8 +35,9 @@ def plot_run(steps: Sequence[dict[str, Any]], staleness: Sequence[dict[str, Any]
         for ax in (top, bottom):
             ax.axvline(r["snapshot_step"], color="grey", linestyle="--", linewidth=0.8,
                        label="refresh submitted" if (i == 0 and ax is bottom) else None)
-            ax.axvline(r["swapped_before_step"] - 0.5, color="black", linewidth=0.8,
-                       label="index swapped in" if (i == 0 and ax is bottom) else None)
+            if r["swapped_before_step"] is not None:       # None: awaited after the end
+                ax.axvline(r["swapped_before_step"] - 0.5, color="black", linewidth=0.8,
+                           label="index swapped in" if (i == 0 and ax is bottom) else None)
     bottom.legend(fontsize=7)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)

@@ -98,7 +98,8 @@ class JointTrainer:
         self.factory = index.get("factory", "Flat")
         self.trains_retriever = cfg.retriever_loss != "none"
         self.trains_docs = self.trains_retriever and cfg.refresh.trains_doc_encoder
-        self.history: dict[str, list] = {"steps": [], "staleness": [], "refreshes": []}
+        self.history: dict[str, list] = {"steps": [], "staleness": [], "refreshes": [],
+                                         "submitted": []}
 
     # -------------------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -376,17 +377,20 @@ class JointTrainer:
             return
         old = self.live.snapshot
         self.live.swap(snap)
-        event = {"swapped_before_step": step + 1, "snapshot_step": snap.step,
-                 "digest": snap.digest, "replaced": old.digest,
+        self._record_refresh(snap, step + 1, old.digest)
+        self.ctx.log.info("joint: step %d swapped in index %s (encoder of step %d, %.1fs)",
+                          step + 1, snap.digest[:12], snap.step, snap.meta.get("seconds", 0))
+
+    def _record_refresh(self, snap: Any, swapped_before: Optional[int], replaced: str) -> None:
+        """A finished refresh: swapped in before step `swapped_before` (None: it came back
+        after the last step and was only awaited)."""
+        event = {"swapped_before_step": swapped_before, "snapshot_step": snap.step,
+                 "digest": snap.digest, "replaced": replaced,
                  **{k: snap.meta.get(k) for k in ("seconds", "shards", "shards_reused",
                                                   "submitted_at", "started_at", "finished_at",
                                                   "retries")}}
         self.history["refreshes"].append(event)
         self.pending_state = None
-        self.ctx.log.info("joint: step %d swapped in index %s (encoder of step %d, %.1fs)",
-                          step + 1, snap.digest[:12], snap.step, snap.meta.get("seconds", 0))
-        with open(self.ctx.work_dir / "refreshes.jsonl", "a") as fh:
-            fh.write(json.dumps(event) + "\n")
 
     def _check(self, step: int) -> Optional[float]:
         r = self.cfg.refresh
@@ -411,6 +415,8 @@ class JointTrainer:
         state = {k: v.detach().clone() for k, v in self.d.model.state_dict().items()}
         digest = self.refresher.submit(state, step)
         self.pending_state = {"state": state, "step": step, "digest": digest}
+        self.history["submitted"].append({"step": step, "digest": digest, "staleness": stale,
+                                          "time": time.time()})
         self.last_refresh_step = step
         self.ctx.log.info("joint: after step %d submitted refresh %s (staleness %s)", step,
                           digest[:12], "n/a" if stale is None else f"{stale:.3f}")
@@ -450,7 +456,7 @@ class JointTrainer:
         in_flight = None
         if self.refresher.in_flight():
             t0 = time.time()
-            self.refresher.wait()
+            self._record_refresh(self.refresher.wait(), None, self.live.digest)
             in_flight = time.time() - t0
         if not (self.trains_docs and self.cfg.final_refresh):
             return {"digest": self.live.digest, "snapshot": self.live.snapshot, "seconds": 0.0,
@@ -471,7 +477,8 @@ class JointTrainer:
             if f.is_file():
                 shutil.copy2(f, out / INDEX_DIR / f.name)
         steps, stale, refs = (self.history[k] for k in ("steps", "staleness", "refreshes"))
-        for name, rows in (("steps", steps), ("staleness", stale), ("refreshes", refs)):
+        for name, rows in (("steps", steps), ("staleness", stale), ("refreshes", refs),
+                           ("submitted", self.history["submitted"])):
             with open(out / f"{name}.jsonl", "w") as fh:
                 fh.writelines(json.dumps(r, default=float) + "\n" for r in rows)
         overlap = sum(1 for r in steps if r.get("in_flight_after"))
@@ -487,7 +494,9 @@ class JointTrainer:
             "reader_loss_first_quarter": float(np.mean([r["reader_loss"] for r in steps[:tenth]])),
             "reader_loss_last_quarter": float(np.mean([r["reader_loss"]
                                                        for r in steps[-tenth:]])),
-            "refreshes": len(refs), "refresh_seconds": float(sum(ref_s)),
+            "refreshes": len(refs), "refreshes_submitted": len(self.history["submitted"]),
+            "refreshes_swapped_in": sum(r["swapped_before_step"] is not None for r in refs),
+            "refresh_seconds": float(sum(ref_s)),
             "refresh_seconds_mean": float(np.mean(ref_s)) if ref_s else 0.0,
             "steps_with_refresh_in_flight": overlap,
             "initial_index_seconds": float(self.initial["seconds"]),
