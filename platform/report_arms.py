@@ -9,8 +9,9 @@ cost beside the base, all read from what the stages recorded (never from stage n
   `searches_per_token`, `forward_tokens_per_token`);
 - one-off: the stages the arm depends on and its base does not (its datastore, its index, its
   training), with their artifact bytes (summary `bytes`) and seconds (manifest `seconds`);
-- training: those of them that train (their summary counts `steps`), with steps, tokens and
-  seconds; "none" when the arm needs no training beyond its base.
+- training: those of them that train (their summary counts `steps`), with steps (× the
+  global batch in sequences, or the `tokens` they report) and seconds; "none" when the arm
+  needs no training beyond its base.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def _extra_cost(row: ArmRow, by_id: dict[str, Any], base_id: str) -> None:
         row.extra_seconds += float(s.seconds or 0.0)
         if "steps" in s.summary:
             row.training.append({"stage": s.name, "steps": s.summary.get("steps"),
+                                 "global_batch": s.summary.get("global_batch"),
                                  "tokens": s.summary.get("tokens"), "seconds": s.seconds})
 
 
@@ -151,6 +153,7 @@ def arm_table(rows: list[ArmRow], variants: list[str], fmt_ci: Any, sig: Any
                     f" ({', '.join(r.extra_stages)})")
             train = "; ".join(
                 f"{t['stage']}: {t['steps']} steps"
+                + (f" × {t['global_batch']} sequences" if t.get("global_batch") else "")
                 + (f", {sig(float(t['tokens']), 3)} tokens" if t.get("tokens") else "")
                 + (f", {t['seconds']:.0f} s" if t.get("seconds") else "")
                 for t in r.training) or "none"

@@ -53,8 +53,8 @@ def _run(tmp):
         _eval(tmp, "knn", {"model": "gpt", "sequences": "seqs", "datastore": "store",
                            "index": "index"}, NLL_KNN, {"retrieval": "knn-lm"},
               summary={"searches_per_token": 1.0, "key_reads_per_token": 64.0}),
-        stage("fit", {"init": "gpt", "sequences": "seqs"}, {"steps": 60, "tokens": 122880},
-              30.0),
+        stage("fit", {"init": "gpt", "sequences": "seqs"},
+              {"steps": 60, "global_batch": 8, "tokens": 122880}, 30.0),
         stage("control", {"init": "gpt", "sequences": "seqs"}, {"steps": 60}, 20.0),
         _eval(tmp, "retro", {"model": "fit", "sequences": "seqs"}, NLL_RETRO),
         _eval(tmp, "ctl", {"model": "control", "sequences": "seqs"}, NLL_CONTROL,
@@ -87,7 +87,8 @@ def test_every_family_against_the_base_with_its_extra_cost(tmp_path):
     assert retro.versus.b == "base" and [c.b for c in retro.also] == ["ctl"]
     assert math.isclose(retro.versus.diff.rel, ppl(NLL_RETRO) / ppl(NLL_BASE) - 1)
     assert math.isclose(retro.also[0].diff.rel, ppl(NLL_RETRO) / ppl(NLL_CONTROL) - 1)
-    assert retro.training == [{"stage": "fit", "steps": 60, "tokens": 122880, "seconds": 30.0}]
+    assert retro.training == [{"stage": "fit", "steps": 60, "global_batch": 8, "tokens": 122880,
+                               "seconds": 30.0}]
     assert rows["ctl"].versus is None and rows["ctl"].training[0]["stage"] == "control"
     assert rows["base"].versus is None and rows["base"].extra_stages == []
 
@@ -102,7 +103,8 @@ def test_the_table_and_plot_in_the_report(tmp_path):
     assert "-36.2% [" in line and "vs base (better)" in line and "1.5 kB, 7 s" in line
     assert line.rstrip(" |").endswith("none")                   # no training
     retro = next(ln for ln in md.splitlines() if ln.startswith("| retro |"))
-    assert "fit: 60 steps, 122880 tokens, 30 s" in retro and "vs ctl (worse)" in retro
+    assert "fit: 60 steps × 8 sequences, 122880 tokens, 30 s" in retro
+    assert "vs ctl (worse)" in retro
     (tmp_path / "plots").mkdir()
     plots = {p.name: p for p in make_plots(rep, tmp_path / "plots")}
     img = mpimg.imread(plots["arms.png"])
