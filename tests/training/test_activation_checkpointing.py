@@ -130,3 +130,17 @@ def test_the_loop_checkpoints_and_trains_the_same(tmp_path):
         calls[every] = len(dp.SEEN)               # block 1's MLP forwards over 2 steps
     assert calls == {False: 2, 2: 4}
     np.testing.assert_allclose(losses[2], losses[False], rtol=0, atol=1e-6)
+
+
+def test_a_bare_transformers_decoder_checkpoints_every_block_only():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retro.platform.errors import UserError
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2))
+    assert apply_activation_checkpointing(model, False) == 0 and \
+        not model.is_gradient_checkpointing
+    assert apply_activation_checkpointing(model, True) == 1 and model.is_gradient_checkpointing
+    with pytest.raises(UserError, match="resources.stages.x.activation_checkpointing"):
+        apply_activation_checkpointing(model, 2, "resources.stages.x.activation_checkpointing")
