@@ -10,6 +10,8 @@
     arms.png      the arms table (several arms vs one base, e.g. retrieval-LM families): the
                   headline metric per arm and its relative Δ vs the base, 95% CIs, the arms
                   that needed training marked
+    <stage>-<f>   figures a stage drew itself and listed in its summary (`figures: [f]`),
+                  e.g. joint-train's loss / staleness / refresh plot
 
 Like the report, the plots know no stage names: they draw what stages declared.
 """
@@ -32,6 +34,22 @@ def make_plots(report: Any, out_dir: Path) -> list[Path]:
         path = fn(report, out_dir)
         if path is not None:
             out.append(path)
+    return out + _stage_figures(report, out_dir)
+
+
+def _stage_figures(report: Any, out_dir: Path) -> list[Path]:
+    """Figures a stage drew itself and named in its summary (`figures: [file, ...]` of its
+    artifact, e.g. joint-train's loss + staleness plot), copied as `<stage name>-<file>`."""
+    import shutil
+
+    out = []
+    for stage in report.stages:
+        for name in stage.summary.get("figures") or []:
+            src = Path(stage.path or "") / str(name)
+            if stage.path is not None and src.is_file() and Path(name).name == name:
+                dst = out_dir / f"{stage.name}-{name}"
+                shutil.copyfile(src, dst)
+                out.append(dst)
     return out
 
 

@@ -518,6 +518,7 @@ class JointTrainer:
 
             plot_run(steps, stale, refs, out / "joint.png",
                      title=f"{ctx.name}: {cfg.refresh.policy}, {cfg.retriever_loss}")
+            summary["figures"] = ["joint.png"]           # `retro report` shows it
         except ImportError:                                   # matplotlib is optional
             ctx.log.warning("joint: matplotlib missing, no joint.png")
         return summary

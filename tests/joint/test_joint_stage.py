@@ -152,6 +152,13 @@ def test_report_compares_every_arm_on_the_same_questions(run):
         assert m[f"eval-qa-{arm}/{DATASET}/n"] == 4
     for arm in ARMS:
         assert 0 <= m[f"joint-retrieve-{arm}/{DATASET}/recall@3"] <= 100
+    # the report shows each arm's own plot (loss, staleness, refreshes)
+    from retro.platform.report import write_report
+
+    written = write_report(report, run["tmp"] / "report")
+    names = {p.name for p in written.plots}
+    assert "joint-staleness-joint.png" in names and "joint-every-joint.png" in names
+    assert "joint-staleness-joint.png" in written.markdown.read_text()
 
 
 def test_sequential_arm_is_radit_lsr_then_ra_it_with_its_encoder_on_the_shared_db(run):
