@@ -109,6 +109,9 @@ class RefreshWorker:
     def precision(self) -> str:
         return self.embedder.precision
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def run(self, job: dict, state: dict[str, Any]) -> dict:
         """Refresh `job["digest"]` with the encoder `state`; returns the snapshot's meta.
 
@@ -288,6 +291,17 @@ class IndexRefresher:
         return pool.submit(worker.run, job, state)
 
     # -- public API -------------------------------------------------------------------------
+    def start(self) -> int:
+        """Start the worker now (it loads the encoder: seconds) instead of at the first submit;
+        returns the pid of the process that embeds."""
+        if self._worker is None:
+            self._start_worker()
+        if self.backend == "ray":
+            import ray
+
+            return int(ray.get(self._worker.pid.remote()))
+        return os.getpid()
+
     def digest(self, doc_encoder_state: dict[str, Any]) -> str:
         return snapshot_digest(doc_encoder_state, self.corpus_digest, self.factory,
                                self.settings)

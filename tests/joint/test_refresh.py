@@ -275,3 +275,26 @@ def test_probe_staleness_matches_a_full_refresh(tmp_path, encoder_dir):
     expected = staleness_recall(stale, fresh.embeddings(), q_enc(probe.query_texts), 5)
     assert probe.measure(q_enc, lambda t: r.embed(moved, t), stale) == expected < 1.0
     assert probe.measure(q_enc, lambda t: r.embed(_state(encoder_dir), t), stale) == 1.0
+
+
+def test_an_actor_killed_from_outside_mid_refresh_resumes(tmp_path, encoder_dir, ray_session):
+    """SIGKILL the actor's process as soon as its first shard is on disk (no fault injection):
+    the refresher starts a fresh actor that reuses the shards already written."""
+    import signal
+
+    state = _state(encoder_dir, noise=0.2)
+    clean = _refresher(tmp_path / "clean", encoder_dir, shards=15).build_now(state, 2)
+    r = _refresher(tmp_path / "kill", encoder_dir, shards=15, backend="ray", max_retries=1)
+    pid = r.start()
+    digest = r.submit(state, 2)
+    folder, deadline = tmp_path / "kill" / digest, time.time() + 120
+    while not (folder.is_dir() and any(p.name.startswith("shard-") for p in folder.iterdir())):
+        assert time.time() < deadline, "the actor wrote no shard"
+        time.sleep(0.001)
+    assert not (folder / "meta.json").exists(), "the refresh finished before the kill"
+    os.kill(pid, signal.SIGKILL)
+    snap = r.wait()
+    r.close()
+    assert snap.meta["retries"] == 1 and snap.meta["pid"] != pid
+    assert 1 <= snap.meta["shards_reused"] < 15
+    np.testing.assert_array_equal(snap.embeddings(), clean.embeddings())
