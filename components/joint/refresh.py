@@ -417,7 +417,10 @@ class IndexRefresher:
             return IndexSnapshot.open(self.root, p["job"]["digest"])
         try:
             meta = self._result(p["handle"], block, timeout)
-        except _WorkerDied as e:
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if not isinstance(e, _WorkerDied):
+                self._pending = None               # a failed refresh is no longer in flight
+                raise
             if p["attempt"] >= self.max_retries:
                 self._pending = None
                 self._stop_worker()
@@ -452,6 +455,8 @@ class IndexRefresher:
                 raise _WorkerDied(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") \
                     from None
             except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, UserError):          # e.g. a state that does not fit
+                    raise e.cause from None
                 raise RefreshFailed(f"refresh failed in the worker: {e.cause!r}") from None
         fut: Future = handle
         if not block and not fut.done():

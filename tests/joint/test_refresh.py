@@ -119,6 +119,18 @@ def test_refresh_equals_the_embedder_and_is_not_redone(tmp_path, encoder_dir):
     r.close()
 
 
+def test_a_state_of_another_encoder_is_a_clear_error(tmp_path, encoder_dir):
+    from retro.platform.errors import UserError
+
+    state = _state(encoder_dir)
+    state.pop(next(iter(state)))
+    r = _refresher(tmp_path, encoder_dir)
+    with pytest.raises(UserError, match="does not fit the refresher's encoder"):
+        r.build_now(state, 0)
+    assert not r.in_flight() and r.build_now(_state(encoder_dir), 0).meta["n_docs"] == len(TEXTS)
+    r.close()
+
+
 # -- asynchrony (Ray actor) ----------------------------------------------------------------------
 def test_training_steps_run_while_the_actor_refreshes(tmp_path, encoder_dir, ray_session):
     r = _refresher(tmp_path, encoder_dir, backend="ray", threads=1)
