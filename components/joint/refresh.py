@@ -153,6 +153,8 @@ class RefreshWorker:
         write_json_atomic(out / META, meta)
         for a, b in ranges:                                 # complete: shards are redundant
             (out / shard_name(a, b)).unlink(missing_ok=True)
+        for tmp in out.glob(".*.tmp"):                      # a killed attempt's half-written file
+            tmp.unlink(missing_ok=True)
         return meta
 
     def embed_with(self, state: dict[str, Any], texts: list[str]) -> np.ndarray:

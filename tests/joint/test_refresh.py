@@ -227,6 +227,8 @@ def test_a_killed_refresh_resumes_with_its_finished_shards(tmp_path, encoder_dir
     r.close()
     assert snap.meta["retries"] == 1 and snap.meta["shards_reused"] == 2
     assert snap.digest == clean.digest
+    assert sorted(p.name for p in snap.path.iterdir()) == ["embeddings.npy", "index.faiss",
+                                                           "meta.json"]   # temp file gone too
     np.testing.assert_array_equal(snap.embeddings(), clean.embeddings())
 
     # The trainer dies (in-process worker, no retry); a new refresher finds the 3 shards.
