@@ -125,6 +125,44 @@ def autocast(precision: str, device: Any = "cpu") -> Any:
     return torch.autocast(_kind(device), dtype=torch.bfloat16)
 
 
+def inference_autocast(model: Any, precision: str, device: Any = "cpu") -> Any:
+    """`autocast` for a model that only runs inference: under bf16, every `nn.Linear` first
+    gets bf16 copies of its weight and bias (once), and attention runs in fp32 on CPU; then the
+    usual autocast context.
+
+    Autocast would cast the same fp32 weights to the same bf16 values on every call; on a
+    KV-cached decode step (one token) those casts are most of the step, and the bf16 CPU
+    attention kernel is several times slower than fp32 at one query (models/retro/
+    attention.py): 24 new tokens of SmolLM2-135M ran slower under plain autocast than in fp32.
+    The Linear results equal plain autocast's (same bf16 operands; tested). Embeddings, norms
+    and buffers (rotary frequencies) stay fp32, and a head tied to the input embedding gets its
+    own bf16 copy, so the residual stream stays fp32 as under plain autocast. Never use it on
+    a model that trains or is saved afterwards."""
+    if precision == "bf16":
+        from retro.components.models.retro.attention import use_fp32_cpu_attention
+
+        bf16_linear_weights(model)
+        use_fp32_cpu_attention(model)
+    return autocast(precision, device)
+
+
+def bf16_linear_weights(model: Any) -> int:
+    """Replace each fp32 `nn.Linear` weight/bias of `model` by a frozen bf16 copy; returns
+    how many layers changed (0 on a second call)."""
+    import torch
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16),
+                                               requires_grad=False)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(module.bias.detach().to(torch.bfloat16),
+                                                 requires_grad=False)
+            changed += 1
+    return changed
+
+
 def plan_text(requested: str, probe: Probe | None = None) -> str:
     """`retro plan`'s precision entry: `auto→bf16` as this machine's CPU resolves it (a GPU
     worker resolves on its own device), or the forced value."""

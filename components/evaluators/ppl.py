@@ -32,7 +32,8 @@ from pydantic import Field
 
 from retro.components.evaluators.ablation import EvalParams, ablation_call, evaluator_settings
 from retro.components.evaluators.results import declare_ppl
-from retro.components.precision import Precision, autocast, precision_info, stage_precision
+from retro.components.precision import (Precision, inference_autocast, precision_info,
+                                         stage_precision)
 from retro.platform.registry import StrictModel, register
 from retro.platform.stage import Slot, StageCall, StageContext, stage
 from retro.components.evaluators.lm import find_model_dir, load_eval_lm, token_nll
@@ -184,7 +185,7 @@ def eval_ppl(ctx: StageContext[EvalParams]) -> dict[str, Any]:
     text_nll = 0.0
     precision = stage_precision(ctx, cfg.precision, "cpu")
     with ctx.progress(n, ctx.name) as bar, open(ctx.out_dir / "per_sequence.jsonl", "w") as fh, \
-            autocast(precision, "cpu"):
+            inference_autocast(lm.model, precision, "cpu"):
         for start in range(0, n, cfg.batch_size):
             rows = np.arange(start, min(n, start + cfg.batch_size))
             with ctx.timer("io"):

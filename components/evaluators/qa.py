@@ -33,7 +33,7 @@ from retro.components.evaluators.prompts import PromptFormat
 from retro.components.evaluators.qa_data import FILES, DatasetName, load_questions
 from retro.components.evaluators.ablation import EvalParams, ablation_call, evaluator_settings
 from retro.components.evaluators.results import declare_qa
-from retro.components.precision import Precision, autocast, precision_info, \
+from retro.components.precision import Precision, inference_autocast, precision_info, \
     report_shard_precision, stage_precision
 from retro.platform.registry import StrictModel, register
 from retro.platform.spec.node import NodeFields
@@ -314,7 +314,7 @@ def eval_qa(ctx: StageContext[EvalParams]) -> dict[str, Any]:
             todo = rows[len(scores):]
             size = 1 if answer is not answer_one else cfg.batch_size  # REPLUG batches passages
             for a in range(0, len(todo), size):
-                with ctx.timer("forward"), autocast(precision, "cpu"):
+                with ctx.timer("forward"), inference_autocast(lm.model, precision, "cpu"):
                     preds = (answer_batch(lm, cfg, todo[a:a + size]) if size > 1
                              else [answer(lm, cfg, todo[a])])
                 for pred in preds:

@@ -171,6 +171,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(arch.d, inner, bias=arch.bias)
         self.o_proj = nn.Linear(inner, arch.d, bias=arch.bias)
         self.rotary = rotary
+        self.fp32_cpu = False   # inference under bf16 on CPU: attention in fp32 (attention.py)
 
     def kv(self, ctx):  # ctx: [B, tk, d] -> keys, values [B, h, tk, hd]
         """Key/value projections of `ctx`: what a cached cross-attention computes once."""
@@ -190,8 +191,13 @@ class Attention(nn.Module):
         if key_mask is not None and not bool(key_mask.all()):  # no padding: the faster path
             has_key = key_mask.any(-1)  # [B]
             mask = (key_mask | ~has_key[:, None])[:, None, None, :]  # [B, 1, 1, tk]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.fp32_cpu:
+            from retro.components.models.retro.attention import sdpa
+
+            y = sdpa(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = self.o_proj(y.transpose(1, 2).reshape(B, tq, -1))  # [B, tq, d]
         if has_key is not None:
             y = y * has_key[:, None, None].to(y.dtype)
@@ -233,16 +239,29 @@ class RetroEncoderLayer(nn.Module):
         self.mlp = MLP(arch)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, key_mask, chunk_states):
+    def forward(self, x, key_mask, chunk_states, run=None):
         # x: [b·l, k, r, d] neighbour tokens; key_mask: [b·l, k, r]; chunk_states: [b·l, m, d]
+        # `run`: how each sub-block runs (activation checkpointing recomputes them one by one:
+        # an encoder layer sees k·r/m = 4x the decoder's tokens, too big to rebuild whole)
+        run = run or _call
+        bl, k, r, d = x.shape
+        x = run(self._self_block, x, key_mask)  # [b·l, k·r, d]
+        if self.cross:  # every neighbour of a chunk queries that chunk's states
+            x = run(self._cross_block, x, chunk_states)
+        x = run(self._mlp_block, x)
+        return x.view(bl, k, r, d)
+
+    def _self_block(self, x, key_mask):
         bl, k, r, d = x.shape
         flat = x.reshape(bl * k, r, d)
         flat = flat + self.drop(self.self_attn(self.norm1(flat), key_mask=key_mask.reshape(bl * k, r)))
-        x = flat.view(bl, k * r, d)  # every neighbour of a chunk queries that chunk's states
-        if self.cross:
-            x = x + self.drop(self.cross_attn(self.norm_cross(x), ctx=chunk_states))
-        x = x + self.drop(self.mlp(self.norm2(x)))
-        return x.view(bl, k, r, d)
+        return flat.view(bl, k * r, d)
+
+    def _cross_block(self, x, chunk_states):
+        return x + self.drop(self.cross_attn(self.norm_cross(x), ctx=chunk_states))
+
+    def _mlp_block(self, x):
+        return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class RetroEncoder(nn.Module):
@@ -253,13 +272,13 @@ class RetroEncoder(nn.Module):
         self.layers = nn.ModuleList(
             RetroEncoderLayer(arch, dropout, cross=(i == 0), rope=rope) for i in range(n_layers))
         self.norm = make_norm(arch)
-        self.checkpoint = False  # recompute each layer in backward (activation checkpointing)
+        self.checkpoint = False  # recompute each sub-block in backward (activation checkpointing)
 
     def forward(self, emb, key_mask, chunk_states):
         # emb: [b·l, k, r, d]; key_mask: [b·l, k, r]; chunk_states: [b·l, m, d]
         run = _checkpointed if self.checkpoint and torch.is_grad_enabled() else _call
         for layer in self.layers:
-            emb = run(layer, emb, key_mask, chunk_states)
+            emb = layer(emb, key_mask, chunk_states, run)
         bl, k, r, d = emb.shape
         return self.norm(emb.reshape(bl, k * r, d))  # [b·l, k·r, d]
 
