@@ -35,6 +35,12 @@ from retro.platform.store import write_json_atomic
 Backend = Literal["auto", "ray", "thread"]
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class RefreshFailed(RetroError):
     """A refresh did not produce an index (after its retries)."""
 
@@ -251,15 +257,17 @@ class IndexRefresher:
                                 "normalize": normalize,
                                 "exclude_special_tokens": exclude_special_tokens,
                                 "precision": precision}
-        resolved = resolve_precision(precision, "cpu") if precision == "auto" else precision
-        # Everything that changes the vectors (batching does, in the last bits); the encoder
-        # folder stands for its tokenizer and config (the weights are hashed from the state).
-        self.settings = json.dumps({**self.embedder_config, "metric": metric,
-                                    "precision": resolved}, sort_keys=True)
         self.threads, self.actor_cpus, self.actor_gpus = threads, actor_cpus, actor_gpus
         self.max_retries = max_retries
         self.crash_after_shards = crash_after_shards
         self.backend = self._pick_backend(backend)
+        # The worker embeds on a GPU only if it sees one (an actor without `actor_gpus` does not).
+        device = "cuda" if (self.backend == "thread" or actor_gpus) and _cuda() else "cpu"
+        resolved = resolve_precision(precision, device) if precision == "auto" else precision
+        # Everything that changes the vectors (batching does, in the last bits); the encoder
+        # folder stands for its tokenizer and config (the weights are hashed from the state).
+        self.settings = json.dumps({**self.embedder_config, "metric": metric,
+                                    "precision": resolved, "device": device}, sort_keys=True)
         self._worker: Any = None
         self._local: Optional[RefreshWorker] = None      # in-process embedder of `embed`
         self._pending: Optional[dict] = None     # job, handle (ref / future), attempt, state
