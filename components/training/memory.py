@@ -26,8 +26,9 @@ Retro's encoder and chunked cross-attention are counted the same way over their 
 counts: the encoder runs on b·(s/m)·k·r neighbour tokens, and each CCA layer's keys/values
 are that many. Full activation checkpointing keeps only each block's input (their §4.2
 "full recomputation": 2·s·b·h at e = 2) plus one block recomputed during backward; the
-encoder's layers are checkpointed one by one (the loop does so whenever checkpointing is on),
-so the block or encoder layer being recomputed is the largest of either.
+encoder's sub-blocks (self-attention, cross-attention, MLP) are checkpointed one by one (the
+loop does so whenever checkpointing is on), so what is rebuilt at a time is the largest
+decoder block or encoder sub-block.
 """
 
 from __future__ import annotations
@@ -147,29 +148,34 @@ def _retrieves(m: ModelShape, w: Workload) -> bool:
     return bool(w.neighbours and m.encoder_layers and m.cca_layers)
 
 
-def encoder_layer_activations(m: ModelShape, w: Workload, first: bool) -> float:
-    """Saved bytes of one encoder layer: self-attention within each neighbour, (the first
-    layer) cross-attention to the chunk's m decoder states, MLP."""
+def encoder_sub_blocks(m: ModelShape, w: Workload, first: bool) -> list[float]:
+    """Saved bytes of one encoder layer's sub-blocks: self-attention within each neighbour,
+    (the first layer) cross-attention to the chunk's m decoder states, MLP."""
     e, h, r = w.compute_bytes, m.d, w.retrieved
     t_enc, t = _encoder_tokens(m, w), w.micro_batch * w.seq
-    out = _attention(e, t_enc, t_enc, h, m.kv_dim, m.heads, m.norm_saves, r, m.dropout,
-                     w.flash, False)
+    out = [_attention(e, t_enc, t_enc, h, m.kv_dim, m.heads, m.norm_saves, r, m.dropout,
+                      w.flash, False)]
     if first:
-        out += _attention(e, t_enc, t, h, m.kv_dim, m.heads, m.norm_saves, m.chunk_length,
-                          m.dropout, w.flash, False)
-    return out + _mlp(e, t_enc, h, m.ffn, m.gated, m.dropout, m.norm_saves)
+        out.append(_attention(e, t_enc, t, h, m.kv_dim, m.heads, m.norm_saves, m.chunk_length,
+                              m.dropout, w.flash, False))
+    return out + [_mlp(e, t_enc, h, m.ffn, m.gated, m.dropout, m.norm_saves)]
+
+
+def encoder_layer_activations(m: ModelShape, w: Workload, first: bool) -> float:
+    """Saved bytes of one encoder layer (its sub-blocks together)."""
+    return sum(encoder_sub_blocks(m, w, first))
 
 
 def encoder_activations(m: ModelShape, w: Workload) -> float:
     """The Retro encoder: embeddings of b·l·k·r neighbour tokens through its layers, then its
-    final norm. Under activation checkpointing each layer keeps its input only (the first
-    layer's is the neighbour embeddings), plus the final norm's input and the encoder output
-    the CCA blocks take; the layer being recomputed is counted in `activations`."""
+    final norm. Under activation checkpointing each sub-block keeps its input only (the
+    first's is the neighbour embeddings), plus the final norm's input and the encoder output
+    the CCA blocks take; the sub-block being recomputed is counted in `activations`."""
     if not _retrieves(m, w):
         return 0.0
     per_token = w.compute_bytes * _encoder_tokens(m, w) * m.d
     if w.checkpoint_every:
-        return per_token * (m.encoder_layers + 2)
+        return per_token * (2 * m.encoder_layers + 1 + 2)
     out = per_token * 2                       # neighbour embeddings, final norm input
     return out + sum(encoder_layer_activations(m, w, i == 0) for i in range(m.encoder_layers))
 
@@ -194,9 +200,9 @@ def activations(m: ModelShape, w: Workload) -> float:
             # the first CCA block runs the encoder between two segments: the second
             # segment's input and the normed states the encoder reads are kept too
             stored += 2 * block_input
-        recompute = max(layers)               # one block (or encoder layer) in backward
+        recompute = max(layers)               # one block (or encoder sub-block) in backward
         if _retrieves(m, w):
-            recompute = max(recompute, encoder_layer_activations(m, w, first=True))
+            recompute = max(recompute, *encoder_sub_blocks(m, w, first=True))
         stored += recompute
     else:
         stored = sum(layers)

@@ -100,14 +100,14 @@ def test_48b_plan_fits_its_devices_and_not_without_checkpointing(tmp_path, monke
         "memory/device"]
 
 
-def test_retro_checkpointing_keeps_layer_inputs_and_rebuilds_the_largest_piece():
+def test_retro_checkpointing_keeps_sub_block_inputs_and_rebuilds_the_largest_piece():
     """What the loop's checkpointing keeps for Retro (activation_checkpointing.py): each decoder
     block's input, the first CCA block's second segment input and the normed states the
-    encoder reads, each encoder layer's input (the first's is the neighbour embeddings), the
-    encoder's final norm input and its output; plus the largest block or encoder layer while
-    it is recomputed. Here an encoder layer (4x the decoder's tokens: k·r = 4m) is the largest."""
-    from retro.components.training.memory import (encoder_layer_activations,
-                                                  head_activations)
+    encoder reads, each encoder sub-block's input (self-attention, cross-attention in the
+    first layer, MLP; the first's is the neighbour embeddings), the encoder's final norm input
+    and its output; plus the largest block or encoder sub-block while it is recomputed. Here
+    the encoder's MLP over 4x the decoder's tokens (k·r = 4m) is the largest."""
+    from retro.components.training.memory import encoder_sub_blocks, head_activations
 
     retro = replace(GPT, n_layers=6, cca_layers=2, encoder_layers=2, chunk_length=64,
                     dropout=False, gated=True, norm_saves=2, ffn=5504)
@@ -115,7 +115,9 @@ def test_retro_checkpointing_keeps_layer_inputs_and_rebuilds_the_largest_piece()
                  retrieved=128)
     e, t, h = 4, 2048, 2048
     t_enc = 2048 // 64 * 2 * 128                 # 8192 neighbour tokens
-    largest = encoder_layer_activations(retro, w, first=True)
-    assert largest > max(layer_activations(retro, w, c) for c in (False, True))
-    want = (6 + 2) * e * t * h + (2 + 2) * e * t_enc * h + largest + head_activations(retro, w)
+    mlp = e * t_enc * h * (2 + 1) + e * t_enc * 5504 * 4   # norm (2 saved) + input, SwiGLU
+    assert max(encoder_sub_blocks(retro, w, first=True)) == mlp
+    assert mlp > max(layer_activations(retro, w, c) for c in (False, True))
+    want = (6 + 2) * e * t * h + (2 * 2 + 1 + 2) * e * t_enc * h + mlp + \
+        head_activations(retro, w)
     assert estimate_memory(retro, w).activations == pytest.approx(want)
