@@ -1,6 +1,6 @@
 """Where does Retro-fit's gain over GPT-fit come from? Per-sequence gain by neighbour overlap.
 
-Usage: .venv/bin/python bench/retro_gain_by_overlap.py RUN_DIR [--store PATH] [--bins 0 .1 .3 1]
+Usage: .venv/bin/python -m bench.retro_gain_by_overlap RUN_DIR [--store PATH] [--bins 0 .1 .3 1]
 
 RETRO's leakage analysis groups evaluation chunks by how much of them their neighbours contain,
 so that a gain from near-duplicates can be told from one on new text. Here, for every scored validation
