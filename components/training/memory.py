@@ -189,24 +189,33 @@ def head_activations(m: ModelShape, w: Workload) -> float:
 
 
 def activations(m: ModelShape, w: Workload) -> float:
-    """Peak saved activations of one micro-batch (forward's end / backward's start)."""
+    """Peak saved activations of one micro-batch: at backward's start without checkpointing;
+    with it, the largest of backward's phases (the head with everything kept; each
+    checkpointed block rebuilt on top of what the blocks before it keep; an encoder sub-block
+    rebuilt on top of what the encoder and the blocks up to the first CCA keep), since
+    backward frees each block's tensors once it has passed it."""
     cca = _cca_positions(m)
     layers = [layer_activations(m, w, i in cca) for i in range(1, m.n_layers + 1)]
-    if w.checkpoint_every:
-        block_input = w.compute_bytes * w.micro_batch * w.seq * m.d
-        ckpt = {i for i in range(1, m.n_layers + 1) if (i - 1) % w.checkpoint_every == 0}
-        stored = sum(block_input if i in ckpt else a for i, a in enumerate(layers, start=1))
-        if _retrieves(m, w) and min(cca) in ckpt:
-            # the first CCA block runs the encoder between two segments: the second
-            # segment's input and the normed states the encoder reads are kept too
-            stored += 2 * block_input
-        recompute = max(layers)               # one block (or encoder sub-block) in backward
-        if _retrieves(m, w):
-            recompute = max(recompute, *encoder_sub_blocks(m, w, first=True))
-        stored += recompute
-    else:
-        stored = sum(layers)
-    return stored + encoder_activations(m, w) + head_activations(m, w)
+    enc, head = encoder_activations(m, w), head_activations(m, w)
+    if not w.checkpoint_every:
+        return sum(layers) + enc + head
+    block_input = w.compute_bytes * w.micro_batch * w.seq * m.d
+    ckpt = {i for i in range(1, m.n_layers + 1) if (i - 1) % w.checkpoint_every == 0}
+    stored = [block_input if i in ckpt else a for i, a in enumerate(layers, start=1)]
+    first = min(cca) if _retrieves(m, w) else None
+    if first in ckpt:
+        # the first CCA block runs the encoder between two segments: the second segment's
+        # input and the normed states the encoder reads are kept too
+        stored[first - 1] += 2 * block_input
+    peaks = [sum(stored) + enc + head]
+    for j in sorted(ckpt):
+        kept = sum(stored[:j]) + (enc if first is not None and j >= first else 0)
+        peaks.append(kept + layers[j - 1])
+    if first is not None:
+        enc_grad = w.compute_bytes * _encoder_tokens(m, w) * m.d   # gradient of its output
+        peaks.append(sum(stored[:first]) + enc + enc_grad
+                     + max(encoder_sub_blocks(m, w, first=True)))
+    return max(peaks)
 
 
 def _cca_positions(m: ModelShape) -> set[int]:
