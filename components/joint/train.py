@@ -150,6 +150,7 @@ class JointTrainer:
         ckpt = ctx.work_dir / CHECKPOINT
         if ckpt.exists():
             self._resume(torch.load(ckpt, weights_only=False))
+            self._trim_metrics()
             self.live = LiveIndex.load(self.root, self.index_digest)
             ctx.log.info("joint: resumed at step %d with index %s", self.start,
                          self.index_digest[:12])
@@ -436,6 +437,15 @@ class JointTrainer:
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
+
+    def _trim_metrics(self) -> None:
+        """Drop the metrics rows a killed attempt streamed after its last checkpoint (they are
+        logged again), so the curves have one row per step."""
+        path = self.ctx.work_dir / "metrics.jsonl"
+        if path.exists():
+            rows = [x for x in path.read_text().splitlines() if x.strip()]
+            keep = [x for x in rows if json.loads(x).get("step", 0) <= self.start]
+            path.write_text("".join(x + "\n" for x in keep))
 
     def _resume(self, state: dict[str, Any]) -> None:
         self.start, self.index_digest = state["step"], state["index_digest"]
