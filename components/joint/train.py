@@ -443,8 +443,13 @@ class JointTrainer:
         logged again), so the curves have one row per step."""
         path = self.ctx.work_dir / "metrics.jsonl"
         if path.exists():
-            rows = [x for x in path.read_text().splitlines() if x.strip()]
-            keep = [x for x in rows if json.loads(x).get("step", 0) <= self.start]
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.start:
+                        keep.append(line)
+                except ValueError:                   # a line cut by the kill
+                    continue
             path.write_text("".join(x + "\n" for x in keep))
 
     def _resume(self, state: dict[str, Any]) -> None:
