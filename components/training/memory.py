@@ -9,7 +9,8 @@ stages that will not fit their declared device memory, with the fix.
 State (per parameter; AdamW with fp32 master weights, as the loop trains):
     fp32 weights 4 B, fp32 gradients 4 B (trainable only), AdamW's two fp32 moments 8 B
     (trainable only). FSDP divides all three by the workers; DDP replicates them and adds
-    its fp32 gradient buckets (4 B per trainable parameter).
+    its fp32 gradient buckets (4 B per trainable parameter). bf16 compute without FSDP adds
+    the bf16 parameter copy (2 B) and a micro-batch's bf16 gradients (2 B per trainable).
 
 FSDP buffers (FSDP2, one unit unsharded at a time, the next prefetched): 2 x the largest
 unit in the gather dtype, plus that unit's unsharded fp32 gradients before the
@@ -238,9 +239,13 @@ def estimate_memory(m: ModelShape, w: Workload) -> MemoryEstimate:
         buffers = (2 * gather * m.largest_unit + 4 * m.largest_unit
                    + gather * m.root_params + 4 * m.root_trainable)
     elif w.workers > 1:
-        buffers = 4.0 * m.trainable           # DDP's gradient buckets
+        buffers = 4.0 * m.trainable           # DDP's buckets / the bf16 path's fp32 all-reduce
     else:
         buffers = 0.0
+    if shard == 1 and w.compute_bytes < 4:
+        # bf16 without FSDP (precision_policy.Bf16Compute): the bf16 copy of every parameter
+        # and a micro-batch's bf16 gradients before they are added into the fp32 masters
+        buffers += w.compute_bytes * (m.params + m.trainable)
     return MemoryEstimate(params, grads, optimizer, buffers, activations(m, w),
                           activations(m, replace(w, checkpoint_every=0)),
                           activations(m, replace(w, checkpoint_every=1)))

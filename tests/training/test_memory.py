@@ -49,10 +49,13 @@ def test_full_recompute_keeps_one_block_input_per_layer():
 def test_state_bytes_by_hand():
     """AdamW with fp32 masters: 4 + 4 + 8 bytes per trainable parameter, divided by the
     workers under FSDP, replicated (plus fp32 DDP buckets) without."""
-    one = estimate_memory(GPT, Workload(seq=8, micro_batch=1))
+    one = estimate_memory(GPT, Workload(seq=8, micro_batch=1, compute_bytes=4))
     assert (one.params, one.grads, one.optimizer, one.buffers) == (4e9, 4e9, 8e9, 0)
-    ddp = estimate_memory(GPT, Workload(seq=8, micro_batch=1, workers=8))
+    ddp = estimate_memory(GPT, Workload(seq=8, micro_batch=1, workers=8, compute_bytes=4))
     assert (ddp.params, ddp.optimizer, ddp.buffers) == (4e9, 8e9, 4e9)
+    # bf16 without FSDP: + the bf16 copy (2 B/param) and its bf16 gradients (2 B/trainable)
+    bf16 = estimate_memory(GPT, Workload(seq=8, micro_batch=1, workers=8, compute_bytes=2))
+    assert (bf16.params, bf16.optimizer, bf16.buffers) == (4e9, 8e9, 4e9 + 2e9 + 2e9)
     fsdp = estimate_memory(GPT, Workload(seq=8, micro_batch=1, workers=8, fsdp=True,
                                          compute_bytes=2))
     assert (fsdp.params, fsdp.grads, fsdp.optimizer) == (0.5e9, 0.5e9, 1e9)
@@ -63,7 +66,7 @@ def test_state_bytes_by_hand():
 
 def test_frozen_parameters_carry_no_gradient_or_adam_state():
     frozen = replace(GPT, trainable=10**8)
-    est = estimate_memory(frozen, Workload(seq=8, micro_batch=1))
+    est = estimate_memory(frozen, Workload(seq=8, micro_batch=1, compute_bytes=4))
     assert (est.params, est.grads, est.optimizer) == (4e9, 4e8, 8e8)
 
 
