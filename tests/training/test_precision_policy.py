@@ -147,3 +147,32 @@ def test_the_loop_runs_bf16_weights_and_exports_fp32_masters(tmp_path):
             assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}
     np.testing.assert_allclose(out["bf16"], out["fp32"], rtol=2e-2)
     assert out["bf16"] != out["fp32"]
+
+
+def test_replicas_average_fp32_gradients_and_keep_unused_ones_none():
+    """`before_step` on W replicas: one fp32 all-reduce, divided by W (DDP's mean); a
+    parameter no rank gave a gradient keeps None (AdamW then leaves it alone, as under DDP).
+    Here a 1-rank gloo group standing in for W = 2: the sum is the rank's own gradient."""
+    import torch.distributed as dist
+
+    from tests.training.test_distributed import _free_port
+
+    torch.manual_seed(0)
+    master = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    compute = Bf16Compute(master, world=2)
+    x = torch.randn(3, 4).to(torch.bfloat16)
+    compute.model[0](x).float().sum().backward()          # the second layer gets no gradient
+    compute.after_backward()
+    local = [None if p.grad is None else p.grad.clone() for p in master.parameters()]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        compute.before_step()
+    finally:
+        dist.destroy_process_group()
+    for p, g in zip(master.parameters(), local):
+        if g is None:
+            assert p.grad is None
+        else:
+            assert p.grad.dtype == torch.float32 and torch.equal(p.grad, g / 2)
+    assert local[2] is None and local[0] is not None
