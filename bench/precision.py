@@ -9,8 +9,8 @@ the fastest step of each variant, and the median.
     train   Retro (retro-tiny preset: llama family, 6 layers, CCA at 3 and 6, seq 512, batch 4,
             chunk 64, 2 neighbours of 128, vocab 32000) at decoder widths 256 and 512:
               fp32          no autocast
-              bf16          torch.autocast(cpu, bf16): fp32 master weights, what the
-                            training loop runs (components/precision.py)
+              bf16          torch.autocast(cpu, bf16): fp32 master weights (what the
+                            training loop ran before `training/precision_policy.py`)
               bf16-params   (--bf16-params) bf16 weights for forward/backward, fp32 master copy
                             stepped by AdamW and copied back each step
             FLOPs per step from torch's FlopCounterMode (attention through the math SDPA
