@@ -24,9 +24,10 @@ Precision = Literal["auto", "bf16", "fp32"]
 Resolved = Literal["bf16", "fp32"]
 """What a stage runs in (reported in the manifest and `retro plan`)."""
 
-PRECISION_DOC = ("Compute precision: `auto` (bf16 autocast where the hardware computes bf16 "
+PRECISION_DOC = ("Compute precision: `auto` (bf16 compute where the hardware computes bf16 "
                  "fast: AMX / AVX512-BF16 CPUs, CUDA compute capability >= 8.0; else fp32), "
-                 "`bf16` or `fp32` (forced). Weights, optimizer state and losses stay fp32. "
+                 "`bf16` or `fp32` (forced). Master weights, optimizer state and losses stay "
+                 "fp32. "
                  "`auto` artifacts differ across machines: pin it when that matters "
                  "(docs/precision.md).")
 
