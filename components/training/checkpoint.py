@@ -29,7 +29,8 @@ def _barrier(world: int) -> None:
 
 
 class LocalRuntime:
-    """Single-process runtime: checkpoints are `<root>/checkpoint_<step>` directories.
+    """In-process runtime (one process, or each process of a torch.distributed group with
+    `rank` / `world_size` set): checkpoints are `<root>/checkpoint_<step>` directories.
 
     Args:
         root: directory holding the checkpoints (a stage's work_dir survives crashes).
