@@ -139,7 +139,7 @@ def _estimate(params: EvalParams) -> dict[str, Any]:
     return precision_info(params, "evaluator")
 
 
-@stage("eval-ppl", version="2", params=EvalParams, estimate=_estimate,
+@stage("eval-ppl", version="3", params=EvalParams, estimate=_estimate,
        inputs={"model": "the model folder (a training stage)",
                "sequences": "held-out sequences (sequences-valid)",
                "tokenizer": "the DB tokenizer, for bytes (tokenizer)",

@@ -265,7 +265,7 @@ def _query_encoder(ctx: StageContext) -> Any:
 
 # ------------------------------------------------------------------------------ eval-qa
 
-@stage("eval-qa", version="2", params=EvalParams,
+@stage("eval-qa", version="3", params=EvalParams,
        estimate=lambda p: precision_info(p, "evaluator"),
        inputs={"model": "the model folder (Retro checkpoint or HF model)",
                "tokenizer": Slot("a tokenizer folder, when the model folder has none",

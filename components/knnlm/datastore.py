@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field
 
-from retro.components.precision import Precision, autocast, stage_precision
+from retro.components.precision import Precision, inference_autocast, stage_precision
 from retro.components.retrieval.chunking import SPLITS
 from retro.components.retrieval.common import done_marker, read_meta, run_shards, \
     shard_ranges, write_meta
@@ -66,7 +66,7 @@ def position_docs(docs: np.ndarray, starts: np.ndarray, positions: np.ndarray) -
     return docs[np.searchsorted(starts, positions, side="right") - 1]
 
 
-@stage("knn-datastore", version="1", params=KnnDatastoreParams, distributed=False,
+@stage("knn-datastore", version="2", params=KnnDatastoreParams, distributed=False,
        inputs={"model": "the LM whose keys are stored (import-gguf, lm-folder, a training "
                         "stage)",
                "sequences": "train sequences (sequences-train)",
@@ -159,7 +159,7 @@ def _datastore_shard(job: dict) -> None:
     for a in range(job["a"], job["b"], _BATCH):
         b = min(job["b"], a + _BATCH)
         ids = torch.from_numpy(np.asarray(toks[a:b], dtype=np.int64))
-        with autocast(job["precision"], "cpu"):
+        with inference_autocast(lm.model.decoder, job["precision"], "cpu"):
             keys, _ = forward_keys(lm.model.decoder, ids, job["key"])
         keys = keys[:, :-1].reshape(-1, keys.shape[-1]).numpy().astype(job["dtype"])
         values = ids[:, 1:].reshape(-1).numpy().astype(np.int32)

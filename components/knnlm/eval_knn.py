@@ -25,7 +25,7 @@ from retro.components.evaluators.lm import load_eval_lm
 from retro.components.knnlm.datastore import Datastore, check_plain_lm
 from retro.components.knnlm.keys import forward_keys
 from retro.components.knnlm.scoring import SequenceRows, check_vocab, declare
-from retro.components.precision import autocast, stage_precision
+from retro.components.precision import inference_autocast, stage_precision
 from retro.components.retrieval.api import Sequences, load_tokenizer
 from retro.components.retrieval.common import build_component
 from retro.components.retrieval.faiss_index import FILLED
@@ -39,7 +39,7 @@ class EvalKnnParams(EvalParams):
     """The datastore's index node (its query params: nprobe, ef_search; its metric)."""
 
 
-@stage("eval-knnlm", version="1", params=EvalKnnParams,
+@stage("eval-knnlm", version="2", params=EvalKnnParams,
        inputs={"model": "the frozen LM (the one the datastore was built with)",
                "sequences": "held-out sequences (sequences-valid)",
                "tokenizer": "the DB tokenizer, for bytes (tokenizer)",
@@ -82,7 +82,7 @@ def eval_knnlm(ctx: StageContext[EvalKnnParams]) -> dict[str, Any]:
         for start in range(0, n, cfg.batch_size):
             batch = np.arange(start, min(n, start + cfg.batch_size))
             toks = torch.from_numpy(np.asarray(seqs.tokens[batch], dtype=np.int64))
-            with ctx.timer("forward"), autocast(precision, "cpu"):
+            with ctx.timer("forward"), inference_autocast(lm.model.decoder, precision, "cpu"):
                 queries, logp = forward_keys(lm.model.decoder, toks[:, :-1], store.meta["key"])
             targets = toks[:, 1:]
             lm_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().numpy()

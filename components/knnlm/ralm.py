@@ -36,7 +36,7 @@ from retro.platform.stage import Slot, StageContext, stage
 from retro.components.evaluators.lm import load_eval_lm
 from retro.components.knnlm.datastore import check_plain_lm
 from retro.components.knnlm.scoring import SequenceRows, check_vocab, declare
-from retro.components.precision import autocast, stage_precision
+from retro.components.precision import inference_autocast, stage_precision
 from retro.components.retrieval.api import Retriever, Sequences
 
 
@@ -196,7 +196,7 @@ class EvalRalmParams(EvalParams):
 _R = "the retrieval DB: "
 
 
-@stage("eval-ralm", version="1", params=EvalRalmParams,
+@stage("eval-ralm", version="2", params=EvalRalmParams,
        inputs={"model": "the frozen LM (import-gguf, lm-folder, a GPT)",
                "sequences": "held-out sequences (sequences-valid)",
                "tokenizer": _R + "its tokenizer (tokenizer)",
@@ -235,7 +235,7 @@ def eval_ralm(ctx: StageContext[EvalRalmParams]) -> dict[str, Any]:
     n = min(len(seqs), cfg.max_sequences or len(seqs))
     rows = SequenceRows(ctx.out_dir, retriever.tokenizer)
     with ctx.progress(n, ctx.name) as bar, open(ctx.out_dir / "retrievals.jsonl", "w") as rfh, \
-            autocast(precision, "cpu"):
+            inference_autocast(decoder, precision, "cpu"):
         for seq in range(n):
             toks = np.asarray(seqs.tokens[seq], dtype=np.int64)
             with ctx.timer("forward"), torch.inference_mode():
