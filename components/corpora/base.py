@@ -11,11 +11,12 @@ tokenize stage can split the corpus into shards of contiguous document ranges.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from retro.platform.errors import InputDataError
 from retro.platform.registry import StrictModel, registry
@@ -85,6 +86,10 @@ class CorpusOptions(StrictModel):
 
     max_documents: Optional[int] = Field(None, ge=1)
     """Use only the first N documents (in corpus order): small runs of big corpora."""
+    max_documents_per_source: Optional[int] = Field(None, ge=1)
+    """Use only the first N documents of each source (file): part of every file of a corpus
+    of several (e.g. gold passages plus as many wiki passages). Applies before
+    `max_documents` and `fraction`."""
     fraction: float = Field(1.0, gt=0, le=1)
     """Use only the first ceil(fraction x documents) documents (applied after a full count)."""
     on_bad_record: Literal["error", "skip"] = "error"
@@ -94,6 +99,14 @@ class CorpusOptions(StrictModel):
     """Records with empty text: stop with file:line (`error`) or skip and count them (`skip`)."""
     prepend_title: bool = False
     """Start each document with its title and a newline."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_per_source(self, handler: Any) -> dict[str, Any]:
+        # unset, it dumps as before the field existed, so stage keys of existing specs hold
+        out = handler(self)
+        if isinstance(out, dict) and out.get("max_documents_per_source") is None:
+            out.pop("max_documents_per_source", None)
+        return out
 
 
 class BaseCorpus:
@@ -133,7 +146,7 @@ class BaseCorpus:
         cap = min(x for x in (limit, self.config.max_documents, math.inf) if x is not None)
         n = 0
         for source in self.sources():
-            for doc in self.documents(source):
+            for doc in self.documents(source, stop=self.config.max_documents_per_source):
                 if n >= cap:
                     return
                 n += 1
@@ -152,12 +165,16 @@ class BaseCorpus:
         sources = self.sources()
         stats = ReadStats()
         counts: list[int] = []
-        if self.config.max_documents is not None and self.config.fraction == 1.0:
-            remaining = self.config.max_documents
+        per_source = self.config.max_documents_per_source
+        if (self.config.max_documents is not None or per_source is not None) \
+                and self.config.fraction == 1.0:
+            remaining = self.config.max_documents or math.inf
             for source in sources:
                 if remaining == 0:
                     break
-                n = sum(1 for _ in zip(range(remaining), self.read(source, stats)))
+                cap = min(remaining, per_source or math.inf)
+                n = sum(1 for _ in zip(range(cap) if cap < math.inf else itertools.count(),
+                                       self.read(source, stats)))
                 counts.append(n)
                 remaining -= n
             sources = sources[:len(counts)]
@@ -180,6 +197,8 @@ class BaseCorpus:
         return type(self).__name__
 
     def _apply_limits(self, counts: list[int]) -> list[int]:
+        if self.config.max_documents_per_source is not None:
+            counts = [min(c, self.config.max_documents_per_source) for c in counts]
         keep = sum(counts)
         if self.config.fraction < 1.0:
             keep = math.ceil(self.config.fraction * keep)

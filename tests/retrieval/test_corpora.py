@@ -122,3 +122,28 @@ def test_read_stats_merge():
     a, b = ReadStats(1, 0, "x:1"), ReadStats(2, 3, "y:2")
     a.add(b)
     assert (a.bad_records, a.empty_records, a.first_bad) == (3, 3, "x:1")
+
+
+def test_max_documents_per_source_takes_the_first_n_of_every_file(tmp_path):
+    """Two files: the first N documents of each, in order; then max_documents over the rest."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "doc_id": f"a{i}", "text": f"a {i}"}
+                                           for i in range(5)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "doc_id": f"b{i}", "text": f"b {i}"}
+                                           for i in range(4)])
+    both = corpus(paths=[str(a), str(b)], max_documents_per_source=2)
+    scan = both.scan()
+    assert scan.counts == [2, 2]
+    assert [d.doc_id for d in _all_docs(both, scan)] == ["a0", "a1", "b0", "b1"]
+    assert [d.doc_id for d in both.iter_all()] == ["a0", "a1", "b0", "b1"]
+    capped = corpus(paths=[str(a), str(b)], max_documents_per_source=3, max_documents=4)
+    assert [d.doc_id for d in _all_docs(capped, capped.scan())] == ["a0", "a1", "a2", "b0"]
+    half = corpus(paths=[str(a), str(b)], max_documents_per_source=4, fraction=0.5)
+    assert half.scan().counts == [4, 0]                   # ceil(0.5 x (4 + 4)) in order
+
+
+def test_an_unset_per_source_cap_leaves_the_corpus_dump_unchanged(tmp_path):
+    """Stage keys hash the corpus node's dump: the new field must not enter it unset."""
+    f = write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "x"}])
+    assert "max_documents_per_source" not in corpus(paths=[str(f)]).config.model_dump()
+    assert corpus(paths=[str(f)], max_documents_per_source=3).config.model_dump()[
+        "max_documents_per_source"] == 3
