@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field, field_validator
 
+from retro.components.devices import faiss_gpus
 from retro.components.retrieval.common import (build_component, done_marker, run_shards,
                                               shard_count, shard_ranges, write_meta)
 from retro.platform.errors import UserError
@@ -166,6 +167,17 @@ def to_gpu(index: Any, log: Any = None):
         return index
 
 
+def stage_gpu_copy(ctx: Any, index: Any):
+    """The index copied to all GPUs when the stage was given GPUs (`resources.<stage>.
+    gpus_per_worker > 0`) and faiss has GPU support (faiss-gpu, the `gpu` extra) and GPUs;
+    None otherwise, or when faiss has no GPU version of this index type (the caller then
+    works on the CPU index)."""
+    if faiss_gpus(ctx) == 0:
+        return None
+    gpu = to_gpu(index, ctx.log)
+    return None if gpu is index else gpu
+
+
 def n_train_vectors(n: int, cfg: FaissConfig) -> int:
     """How many embeddings train the index."""
     k = max(1, int(round(cfg.train_fraction * n)))
@@ -198,9 +210,15 @@ def train_index(ctx: StageContext[TrainIndexParams]) -> dict:
         rows = np.sort(np.random.default_rng(spec.config.seed).choice(n, n_train, replace=False))
         x = np.ascontiguousarray(emb[rows], dtype=np.float32)
         ctx.log.info("training %s on %d of %d vectors", spec.config.factory, n_train, n)
-        _gpu_clustering(index, spec.metric, ctx.log)
+        gpu = stage_gpu_copy(ctx, index)
+        if gpu is None and faiss_gpus(ctx):
+            _gpu_clustering(index, spec.metric, ctx.log)
         try:
-            index.train(x)
+            if gpu is None:
+                index.train(x)
+            else:
+                gpu.train(x)
+                index = faiss.index_gpu_to_cpu(gpu)   # the artifact is always a CPU index
         except RuntimeError as e:
             raise UserError(f"training {spec.config.factory!r} on {n_train} vectors failed: "
                             f"{faiss_message(e)}; hint: IVFk needs at least k "
@@ -242,7 +260,11 @@ def fill_index(ctx: StageContext[NoParams]) -> dict:
         raise UserError(f"dims mismatch: the trained index has d={index.d} but the embeddings "
                         f"have dim {dim}; rebuild the index from these embeddings")
     target = _codes_target(index)
-    if target is None:
+    gpu = stage_gpu_copy(ctx, index)
+    if gpu is not None:            # one GPU add beats CPU encode shards; written back as CPU
+        _add_serial(ctx, gpu, emb_path, n)
+        index = faiss.index_gpu_to_cpu(gpu)
+    elif target is None:
         _add_serial(ctx, index, emb_path, n)
     else:
         ranges = shard_ranges(n, shard_count(ctx, n, _ROWS_PER_SHARD))
