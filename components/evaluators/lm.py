@@ -54,8 +54,9 @@ def find_tokenizer_dir(*roots: Path) -> Path:
 
 
 def load_eval_lm(model_root: Path, tokenizer_root: Path | None = None,
-                 threads: int | None = None) -> EvalLM:
-    """Load a model artifact (Retro or plain HF) and its tokenizer, in eval mode, on CPU.
+                 threads: int | None = None, device: str = "cpu") -> EvalLM:
+    """Load a model artifact (Retro or plain HF) and its tokenizer, in eval mode, on `device`
+    (a stage's `retro.components.devices.stage_device`; CPU by default).
 
     A plain transformers model is wrapped in a `RetroForCausalLM` with `retro: false` (no
     encoder), so every model runs through the same forward and `generate`.
@@ -64,6 +65,7 @@ def load_eval_lm(model_root: Path, tokenizer_root: Path | None = None,
         model_root: the model artifact folder.
         tokenizer_root: where to look for the tokenizer first (default: the model folder).
         threads: torch intra-op threads (None: leave torch's default).
+        device: "cpu" or "cuda"; `token_nll` and `generate` move their inputs to it.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,21 +84,25 @@ def load_eval_lm(model_root: Path, tokenizer_root: Path | None = None,
                                                        attn_implementation="sdpa")
         model = RetroForCausalLM(RetroConfig(decoder=decoder.config.to_dict(), retro=False),
                                  decoder=decoder)
-    model.eval()
+    model.to(device).eval()
     return EvalLM(model, tokenizer, model.encoder is not None,
                   int(model.config.chunk_length), model_dir)
 
 
 def token_nll(lm: EvalLM, input_ids: Any, labels: Any, neighbours: Any = None) -> Any:
-    """Per-position negative log-likelihood [b, n] (float64) of `labels` (< 0: not scored)."""
+    """Per-position negative log-likelihood [b, n] (float64, on CPU) of `labels` (< 0: not
+    scored); the inputs are moved to the model's device."""
     import torch
     import torch.nn.functional as F
 
+    device = next(lm.model.parameters()).device
+    labels = labels.to(device)
     with torch.inference_mode():
-        logits = lm.model(input_ids, neighbours=neighbours).logits
+        logits = lm.model(input_ids.to(device), neighbours=None if neighbours is None
+                          else neighbours.to(device)).logits
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels.clamp(min=0).flatten(),
                               reduction="none").view_as(labels).double()
-    return nll * (labels >= 0)
+    return (nll * (labels >= 0)).cpu()
 
 
 def greedy_generate(lm: EvalLM, prompt_ids: Sequence[int], max_new_tokens: int,

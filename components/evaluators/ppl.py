@@ -36,6 +36,7 @@ from retro.components.precision import (Precision, inference_autocast, precision
                                          stage_precision)
 from retro.platform.registry import StrictModel, register
 from retro.platform.stage import Slot, StageCall, StageContext, stage
+from retro.components.devices import stage_device
 from retro.components.evaluators.lm import find_model_dir, load_eval_lm, token_nll
 from retro.components.evaluators.ppl_inputs import (in_context_prompt, text_targets,
                                                     token_byte_lengths, trained_neighbours)
@@ -161,7 +162,8 @@ def eval_ppl(ctx: StageContext[EvalParams]) -> dict[str, Any]:
     seqs = Sequences(ctx.inputs["sequences"])
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"])
     lm = load_eval_lm(ctx.inputs["model"].path, ctx.inputs["tokenizer"].path,
-                      threads=max(1, int(ctx.resources.cpus_per_worker)))
+                      threads=max(1, int(ctx.resources.cpus_per_worker)),
+                      device=stage_device(ctx))
     if not cfg.encoder:
         lm.set_gate(0.0)
     source = _neighbour_source(ctx, cfg)
@@ -183,9 +185,10 @@ def eval_ppl(ctx: StageContext[EvalParams]) -> dict[str, Any]:
 
     byte_lengths = token_byte_lengths(tokenizer)   # document bytes per token; EOD has none
     text_nll = 0.0
-    precision = stage_precision(ctx, cfg.precision, "cpu")
+    device = stage_device(ctx)
+    precision = stage_precision(ctx, cfg.precision, device)
     with ctx.progress(n, ctx.name) as bar, open(ctx.out_dir / "per_sequence.jsonl", "w") as fh, \
-            inference_autocast(lm.model, precision, "cpu"):
+            inference_autocast(lm.model, precision, device):
         for start in range(0, n, cfg.batch_size):
             rows = np.arange(start, min(n, start + cfg.batch_size))
             with ctx.timer("io"):

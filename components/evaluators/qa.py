@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
+from retro.components.devices import stage_device
 from retro.components.evaluators.metrics import answer_in_text, mean, qa_scores
 from retro.components.evaluators.prompts import PromptFormat
 from retro.components.evaluators.qa_data import FILES, DatasetName, load_questions
@@ -291,8 +292,9 @@ def eval_qa(ctx: StageContext[EvalParams]) -> dict[str, Any]:
                         "`contexts` input (a qa-retrieve stage); set retrieval_context: false "
                         "for closed-book QA")
     tok = ctx.inputs["tokenizer"].path if "tokenizer" in ctx.inputs else None
+    device = stage_device(ctx)
     lm = load_eval_lm(ctx.inputs["model"].path, tok,
-                      threads=max(1, int(ctx.resources.cpus_per_worker)))
+                      threads=max(1, int(ctx.resources.cpus_per_worker)), device=device)
     if not cfg.encoder:
         lm.set_gate(0.0)
     answer = answer_one
@@ -302,7 +304,7 @@ def eval_qa(ctx: StageContext[EvalParams]) -> dict[str, Any]:
     work.mkdir(exist_ok=True)
     summary: dict[str, Any] = {}
     step = 0
-    precision = stage_precision(ctx, cfg.precision, "cpu")
+    precision = stage_precision(ctx, cfg.precision, device)
     for name in cfg.datasets:
         rows = _examples(ctx, cfg, name)
         scores = _done(work / f"{name}.jsonl", len(rows))
@@ -314,7 +316,7 @@ def eval_qa(ctx: StageContext[EvalParams]) -> dict[str, Any]:
             todo = rows[len(scores):]
             size = 1 if answer is not answer_one else cfg.batch_size  # REPLUG batches passages
             for a in range(0, len(todo), size):
-                with ctx.timer("forward"), inference_autocast(lm.model, precision, "cpu"):
+                with ctx.timer("forward"), inference_autocast(lm.model, precision, device):
                     preds = (answer_batch(lm, cfg, todo[a:a + size]) if size > 1
                              else [answer(lm, cfg, todo[a])])
                 for pred in preds:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from retro.components.devices import stage_device
 from retro.components.evaluators.ablation import EvalParams, evaluator_settings
 from retro.components.knnlm import knn
 from retro.platform.spec.node import Node
@@ -67,11 +68,12 @@ def eval_knnlm(ctx: StageContext[EvalKnnParams]) -> dict[str, Any]:
         raise UserError(f"stage {ctx.name}: the index holds {index.ntotal} keys but the "
                         f"datastore {len(store)}; build the index from this datastore")
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"])
+    device = stage_device(ctx)
     lm = load_eval_lm(ctx.inputs["model"].path, ctx.inputs["tokenizer"].path,
-                      threads=max(1, int(ctx.resources.cpus_per_worker)))
+                      threads=max(1, int(ctx.resources.cpus_per_worker)), device=device)
     check_plain_lm(lm, ctx.name)
     check_vocab(lm, tokenizer, ctx.name)
-    precision = stage_precision(ctx, cfg.precision, "cpu")
+    precision = stage_precision(ctx, cfg.precision, device)
     if precision != store.meta.get("precision", precision):
         ctx.log.warning("queries in %s, datastore keys in %s", precision, store.meta["precision"])
     searcher = KnnSearcher(index, store, index_spec.config.metric, cfg)
@@ -82,7 +84,7 @@ def eval_knnlm(ctx: StageContext[EvalKnnParams]) -> dict[str, Any]:
         for start in range(0, n, cfg.batch_size):
             batch = np.arange(start, min(n, start + cfg.batch_size))
             toks = torch.from_numpy(np.asarray(seqs.tokens[batch], dtype=np.int64))
-            with ctx.timer("forward"), inference_autocast(lm.model.decoder, precision, "cpu"):
+            with ctx.timer("forward"), inference_autocast(lm.model.decoder, precision, device):
                 queries, logp = forward_keys(lm.model.decoder, toks[:, :-1], store.meta["key"])
             targets = toks[:, 1:]
             lm_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().numpy()

@@ -38,6 +38,7 @@ def forward_keys(decoder: Any, input_ids: Any, key: str) -> tuple[Any, Any]:
     """One forward: (keys [b, n, d] float32, log-probs [b, n, vocab] float32).
 
     Position t's key and log-probs are computed from tokens 0..t and predict token t + 1.
+    `input_ids` go to the decoder's device; both results come back on CPU (for numpy).
     """
     import torch
 
@@ -46,10 +47,11 @@ def forward_keys(decoder: Any, input_ids: Any, key: str) -> tuple[Any, Any]:
     handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
         with torch.inference_mode():
-            logits = decoder(input_ids=input_ids, use_cache=False).logits
+            logits = decoder(input_ids=input_ids.to(next(decoder.parameters()).device),
+                             use_cache=False).logits
     finally:
         handle.remove()
     if len(captured) != 1:
         raise UserError(f"knn-lm key {key!r}: expected one call of the hooked module per "
                         f"forward, got {len(captured)}")
-    return captured[0].float(), torch.log_softmax(logits.float(), dim=-1)
+    return captured[0].float().cpu(), torch.log_softmax(logits.float(), dim=-1).cpu()

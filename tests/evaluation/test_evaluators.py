@@ -105,6 +105,35 @@ def test_ppl_retro_gate0_and_gpt(tmp_path, db, models):
     assert [r["step"] for r in metrics_rows(ctx)] == [3, 6]  # streamed per batch
 
 
+def test_ppl_runs_on_the_stage_gpu_when_given_one(tmp_path, db, models, monkeypatch):
+    """A stage with `gpus_per_worker > 0` on a CUDA host loads the model and autocasts on
+    "cuda" (simulated: CUDA reported present, the model still loaded on CPU to run here)."""
+    import contextlib
+    import dataclasses
+
+    import retro.components.evaluators.ppl as ppl
+    from retro.platform.spec.model import ResourceRequest
+
+    seen = []
+    real_load = ppl.load_eval_lm
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ppl, "load_eval_lm", lambda *a, device="cpu", **k:
+                        seen.append(("load", device)) or real_load(*a, **k))
+    monkeypatch.setattr(ppl, "stage_precision", lambda ctx, req, device="cpu":
+                        seen.append(("precision", device)) or "fp32")
+    monkeypatch.setattr(ppl, "inference_autocast", lambda model, prec, device="cpu":
+                        seen.append(("autocast", device)) or contextlib.nullcontext())
+    inputs = {"model": models["gpt"], "sequences": db["sequences-valid"],
+              "tokenizer": db["tokenizer"], "neighbours": db["neighbours-valid"],
+              "chunk_db": db["chunk-db"], "tokens": db["tokenize"]}
+    for gpus, device in ((0.0, "cpu"), (1.0, "cuda")):
+        ctx = _stage_ctx(tmp_path, f"gpu{gpus}", "eval-ppl", {"evaluator": {**PPL, **_FP32}},
+                         inputs)
+        eval_ppl(dataclasses.replace(ctx, resources=ResourceRequest(gpus_per_worker=gpus)))
+        assert seen == [("load", device), ("precision", device), ("autocast", device)]
+        seen.clear()
+
+
 def test_ppl_with_retrieved_text_in_context(tmp_path, db, models, monkeypatch):
     """In-context RAG scores chunk j after exactly: chunk j-1's top neighbour and its
     continuation as the DB stores them (no EOD padding, nothing for a missing continuation),

@@ -35,7 +35,8 @@ def _pick(logits, top_k: Optional[int], temperature: float, generator) -> int:
 
     if not top_k or top_k <= 1:
         return int(logits.argmax())
-    values, indices = torch.topk(logits.float() / max(temperature, 1e-6), top_k)
+    # on CPU: the seeded CPU generator then samples the same tokens whatever the model's device
+    values, indices = torch.topk(logits.float().cpu() / max(temperature, 1e-6), top_k)
     probs = torch.softmax(values, dim=-1)
     return int(indices[torch.multinomial(probs, 1, generator=generator)])
 
