@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field
 
+from retro.components.devices import stage_device, stage_gpus
 from retro.components.precision import Precision, inference_autocast, stage_precision
 from retro.components.retrieval.chunking import SPLITS
 from retro.components.retrieval.common import done_marker, read_meta, run_shards, \
@@ -89,7 +90,8 @@ def knn_datastore(ctx: StageContext[KnnDatastoreParams]) -> dict[str, Any]:
                         f"its `sequences` input holds split {seq_meta['split']!r}")
     length = int(seq_meta["seq_length"])
     n_seq = min(int(seq_meta["n_seq"]), ctx.params.max_train_sequences or seq_meta["n_seq"])
-    per_seq, precision = length - 1, stage_precision(ctx, ctx.params.precision, "cpu")
+    device = stage_device(ctx)          # the shards' device: their tasks get the stage's GPUs
+    per_seq, precision = length - 1, stage_precision(ctx, ctx.params.precision, device)
     dim, vocab = _probe(ctx)
     n = n_seq * per_seq
     dtype = "float16" if ctx.params.fp16 else "float32"
@@ -106,7 +108,7 @@ def knn_datastore(ctx: StageContext[KnnDatastoreParams]) -> dict[str, Any]:
            "sequences": str(ctx.inputs["sequences"].path), "tokens": str(ctx.inputs["tokens"].path),
            "chunk_db": str(ctx.inputs["chunk_db"].path), "work": str(ctx.work_dir),
            "offsets": offsets, "key": ctx.params.key, "dtype": dtype, "precision": precision,
-           "threads": max(1, int(ctx.resources.cpus_per_worker))}
+           "threads": max(1, int(ctx.resources.cpus_per_worker)), "gpus": stage_gpus(ctx)}
     run_shards(ctx, _datastore_shard, [{**job, "a": a, "b": b} for a, b in ranges],
                [(b - a) * per_seq for a, b in ranges], "knn-datastore keys")
     for name in files:
@@ -151,7 +153,9 @@ def _datastore_shard(job: dict) -> None:
     marker = done_marker(work, f"shard-{job['a']:012d}")
     if marker.exists():
         return
-    lm = load_eval_lm(Path(job["model"]), Path(job["tokenizer"]), threads=job["threads"])
+    device = "cuda" if job.get("gpus") and torch.cuda.is_available() else "cpu"
+    lm = load_eval_lm(Path(job["model"]), Path(job["tokenizer"]), threads=job["threads"],
+                      device=device)
     toks = open_memmap(Path(job["sequences"]) / "tokens.npy")
     length = toks.shape[1]
     per_seq = length - 1
@@ -159,7 +163,7 @@ def _datastore_shard(job: dict) -> None:
     for a in range(job["a"], job["b"], _BATCH):
         b = min(job["b"], a + _BATCH)
         ids = torch.from_numpy(np.asarray(toks[a:b], dtype=np.int64))
-        with inference_autocast(lm.model.decoder, job["precision"], "cpu"):
+        with inference_autocast(lm.model.decoder, job["precision"], device):
             keys, _ = forward_keys(lm.model.decoder, ids, job["key"])
         keys = keys[:, :-1].reshape(-1, keys.shape[-1]).numpy().astype(job["dtype"])
         values = ids[:, 1:].reshape(-1).numpy().astype(np.int32)

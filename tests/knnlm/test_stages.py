@@ -109,3 +109,32 @@ def test_eval_lambda_0_is_the_lm_and_retrieval_changes_the_score(setup):
             "retrieval": "knn-lm"}
     assert scores[0.5]["ppl"] != pytest.approx(scores[0.5]["lm_ppl"], rel=1e-6)
     assert scores[0.0]["lm_ppl"] == pytest.approx(scores[0.5]["lm_ppl"], rel=1e-9)
+
+
+def test_datastore_shards_compute_on_the_stage_gpu_when_given_one(setup, monkeypatch):
+    """`gpus_per_worker > 0` on a CUDA host: the shards load the LM on "cuda" (simulated: CUDA
+    reported present, the model still loaded on CPU), the keys are the CPU run's."""
+    import dataclasses
+
+    import torch
+
+    import retro.components.knnlm.datastore as ds
+    from retro.platform.spec.model import ResourceRequest
+
+    base = _datastore(setup["tmp"], "ds-cpu", setup["arts"], setup["model"])
+    seen = []
+    real_load = ds.load_eval_lm
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ds, "load_eval_lm", lambda *a, device="cpu", **k:
+                        seen.append(device) or real_load(*a, **k))
+    monkeypatch.setattr(ds, "stage_precision", lambda ctx, req, device="cpu":
+                        seen.append(("precision", device)) or "fp32")
+    arts, model = setup["arts"], setup["model"]
+    ctx = stage_ctx(setup["tmp"], "ds-gpu", {"key": "ffn_input", "fp16": False,
+                                            "precision": "fp32"},
+                    {"model": model, "sequences": arts["sequences-train"],
+                     "tokens": arts["tokens"], "chunk_db": arts["chunk_db"], "tokenizer": model})
+    ds.knn_datastore(dataclasses.replace(ctx, resources=ResourceRequest(gpus_per_worker=1)))
+    assert seen[0] == ("precision", "cuda") and set(seen[2:]) == {"cuda"}  # [1]: the probe
+    got = Datastore(ctx.out_dir)
+    assert np.array_equal(np.asarray(got.keys), np.asarray(base.keys))
