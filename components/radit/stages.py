@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from retro.components.devices import stage_device
 from retro.components.radit.config import LSRConfig
 from retro.components.radit.data import Example, load_examples
 from retro.platform.errors import InputDataError, UserError
@@ -178,7 +179,7 @@ def lsr(ctx: StageContext[LsrParams]) -> dict[str, Any]:
     if len(tr) == 0:
         raise InputDataError("lsr: no training example has 2 or more retrieved chunks")
 
-    enc = QueryEncoder(params["embedder"])
+    enc = QueryEncoder(params["embedder"], device=stage_device(ctx))
     metric = params["index"].get("metric", "ip")
     data = _LSRData([e.query for e in examples], docs, mask, target, metric)
     before, p_before = _evaluate(enc, cfg, data, tr, ev)
@@ -255,7 +256,8 @@ def _doc_embeddings(artifact: Any, ids: np.ndarray) -> np.ndarray:
 def _log_p_r(enc: Any, cfg: LSRConfig, data: _LSRData, rows: np.ndarray) -> tuple[Any, Any,
                                                                                    Any]:
 
-    queries, docs, mask, target = data.batch(rows)
+    queries, *rest = data.batch(rows)
+    docs, mask, target = (t.to(enc.device) for t in rest)     # where the encoder computes
     s = retriever_scores(enc(queries), docs, data.metric)
     return retriever_log_probs(s, cfg.retriever_temperature, mask), mask, target
 
@@ -310,7 +312,7 @@ def _evaluate(enc: Any, cfg: LSRConfig, data: _LSRData, train: np.ndarray, held:
                 log_p, mask, target = _log_p_r(enc, cfg, data, part)
                 kl += float(kl_loss(target, log_p, mask, cfg.kl)) * len(part)
                 agree += (log_p.argmax(-1) == target.argmax(-1)).tolist()
-                p_r[part] = log_p.exp().numpy()
+                p_r[part] = log_p.exp().cpu().numpy()
         metrics[f"{name}_kl"] = kl / len(rows)
         metrics[f"{name}_top1_agreement"] = 100.0 * float(np.mean(agree))
     return metrics, p_r
