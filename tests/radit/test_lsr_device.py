@@ -22,5 +22,6 @@ def test_lsr_batch_moves_to_the_encoders_device():
     n, k, d = 3, 2, 4
     data = _LSRData(["a", "b", "c"], np.ones((n, k, d), np.float32), np.ones((n, k), bool),
                     np.full((n, k), 0.5), "ip")
-    log_p, mask, target = _log_p_r(_MetaEncoder(), SimpleNamespace(retriever_temperature=1.0), data, np.arange(n))
+    cfg = SimpleNamespace(retriever_temperature=1.0)
+    log_p, mask, target = _log_p_r(_MetaEncoder(), cfg, data, np.arange(n))
     assert {log_p.device.type, mask.device.type, target.device.type} == {"meta"}
