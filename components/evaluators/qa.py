@@ -36,6 +36,7 @@ from retro.components.evaluators.ablation import EvalParams, ablation_call, eval
 from retro.components.evaluators.results import declare_qa
 from retro.components.precision import Precision, inference_autocast, precision_info, \
     report_shard_precision, stage_precision
+from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
 from retro.platform.spec.node import NodeFields
 from retro.platform.spec.types import DataPath
@@ -231,21 +232,43 @@ def qa_retrieve(ctx: StageContext[QaRetrieveParams]) -> dict[str, Any]:
         with ctx.timer("search"):
             found_rows = retriever.search([e.question for e in examples], p["retrieve_k"])
         hits = [[asdict(ps) for ps in row] for row in found_rows]
-        found = []
-        with open(out / f"{name}.jsonl", "w") as fh:
-            for ex, passages in zip(examples, hits):
-                first = next((i for i, ps in enumerate(passages)
-                              if answer_in_text(f"{ps['title']} {ps['text']}", ex.answers)), None)
-                found.append(first)
-                fh.write(json.dumps({**ex.to_json(), "answer_rank": first,
-                                     "passages": passages}) + "\n")
-        for k in ks:
-            summary[f"{name}/recall@{k}"] = 100 * mean(f is not None and f < k for f in found)
-        summary[f"{name}/n"] = len(examples)
+        summary.update(write_contexts(out / f"{name}.jsonl", name, examples, hits, ks))
         ctx.log.info("%s: %d questions retrieved in %.1fs; recall %s", name, len(examples),
                      time.time() - t0, {k: round(summary[f'{name}/recall@{k}'], 1) for k in ks})
     report_shard_precision(ctx, [retriever.searcher.precision_report()])   # dense: the encoder
     return summary
+
+
+def write_contexts(path: Path, name: str, examples: list, hits: list[list[dict[str, Any]]],
+                   ks: list[int]) -> dict[str, Any]:
+    """Write one dataset's retrieved passages (a `contexts/<dataset>.jsonl`: each question with
+    its passages and the rank of the first holding an answer) and return its answer
+    recall@k (%) for every k in `ks` and its question count."""
+    found = []
+    with open(path, "w") as fh:
+        for ex, passages in zip(examples, hits):
+            first = next((i for i, ps in enumerate(passages)
+                          if answer_in_text(f"{ps['title']} {ps['text']}", ex.answers)), None)
+            found.append(first)
+            fh.write(json.dumps({**ex.to_json(), "answer_rank": first,
+                                 "passages": passages}) + "\n")
+    summary: dict[str, Any] = {f"{name}/recall@{k}": 100 * mean(f is not None and f < k
+                                                                for f in found) for k in ks}
+    summary[f"{name}/n"] = len(examples)
+    return summary
+
+
+def qa_only_issues(spec: Any, who: str, compares: str) -> list[SpecIssue]:
+    """Spec issues of a recipe that compares its `compares` with `qa` evaluators only."""
+    issues = []
+    if not any(e.type == "qa" for e in spec.eval):
+        issues.append(SpecIssue("eval", f"{who} compares its {compares} with a `qa` evaluator",
+                                hint="eval: [{type: qa, data_dir: ...}]"))
+    for i, e in enumerate(spec.eval):
+        if e.type != "qa":
+            issues.append(SpecIssue(f"eval.{i}", f"{who} runs qa evaluators only, not "
+                                    f"{e.type!r}", value=e.type, has_value=True))
+    return issues
 
 
 def _query_encoder(ctx: StageContext) -> Any:

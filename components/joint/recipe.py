@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
+from retro.components.evaluators.qa import eval_qa_calls, qa_only_issues, qa_retrieve_call
 from retro.components.instruct.holdout import qa_eval_sets
 from retro.components.joint.config import JointConfig
 from retro.components.joint.retrieve import joint_retrieve_call
@@ -69,13 +69,7 @@ class JointRecipe(BaseRecipe):
             issues.append(SpecIssue("instruct", "recipe.sequential (RA-DIT's arm) tunes the LM "
                                     "with an `ra-it` node", hint="instruct: {type: ra-it, "
                                     "blend: [...]}, or remove recipe.sequential"))
-        if not any(e.type == "qa" for e in spec.eval):
-            issues.append(SpecIssue("eval", "the joint recipe compares its arms with a `qa` "
-                                    "evaluator", hint="eval: [{type: qa, data_dir: ...}]"))
-        for i, e in enumerate(spec.eval):
-            if e.type != "qa":
-                issues.append(SpecIssue(f"eval.{i}", f"the joint recipe runs qa evaluators only,"
-                                        f" not {e.type!r}", value=e.type, has_value=True))
+        issues += qa_only_issues(spec, "the joint recipe", "arms")
         if len(set(self.config.arms)) != len(self.config.arms):
             issues.append(SpecIssue("recipe.arms", "an arm is listed twice",
                                     value=self.config.arms, has_value=True))

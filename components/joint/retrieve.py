@@ -9,15 +9,13 @@ unchanged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retro.components.evaluators.metrics import answer_in_text, mean
-from retro.components.evaluators.qa import RETRIEVE_FIELDS
+from retro.components.evaluators.qa import RETRIEVE_FIELDS, write_contexts
 from retro.components.evaluators.qa_data import load_questions
 from retro.platform.spec.node import NodeFields
 from retro.platform.stage import StageCall, StageContext, StageParams, stage
@@ -67,21 +65,11 @@ def joint_retrieve(ctx: StageContext[JointRetrieveParams]) -> dict[str, Any]:
         with ctx.timer("search"):
             q = np.ascontiguousarray(embed([e.question for e in examples]), dtype=np.float32)
             scores, ids = index.search(q, p["retrieve_k"])
-        found = []
-        with open(out / f"{name}.jsonl", "w") as fh:
-            for ex, row_ids, row_scores in zip(examples, ids, scores):
-                doc = db.doc_of(row_ids)
-                passages = [asdict(Passage(int(i), docs[d]["id"], db.chunk_text(i, tok),
-                                           float(s), docs[d].get("title", "")))
-                            for i, s, d in zip(row_ids, row_scores, doc) if i >= 0]
-                first = next((j for j, ps in enumerate(passages) if answer_in_text(
-                    f"{ps['title']} {ps['text']}", ex.answers)), None)
-                found.append(first)
-                fh.write(json.dumps({**ex.to_json(), "answer_rank": first,
-                                     "passages": passages}) + "\n")
-        for k in ks:
-            summary[f"{name}/recall@{k}"] = 100 * mean(f is not None and f < k for f in found)
-        summary[f"{name}/n"] = len(examples)
+        hits = [[asdict(Passage(int(i), docs[d]["id"], db.chunk_text(i, tok), float(s),
+                                docs[d].get("title", "")))
+                 for i, s, d in zip(row_ids, row_scores, db.doc_of(row_ids)) if i >= 0]
+                for row_ids, row_scores in zip(ids, scores)]
+        summary.update(write_contexts(out / f"{name}.jsonl", name, examples, hits, ks))
     return summary
 
 

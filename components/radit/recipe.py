@@ -25,7 +25,7 @@ from retro.platform.errors import SpecIssue
 from retro.platform.registry import StrictModel, register
 from retro.components.instruct.holdout import qa_eval_sets
 from retro.platform.stage import BaseRecipe, StageCall
-from retro.components.evaluators.qa import eval_qa_calls, qa_retrieve_call
+from retro.components.evaluators.qa import eval_qa_calls, qa_only_issues, qa_retrieve_call
 from retro.components.retrieval.api import call, db_stage_calls, retriever_inputs
 from retro.components.retrieval.recipe import db_spec_issues, resolve_db
 
@@ -68,14 +68,7 @@ class RaDitRecipe(BaseRecipe):
         if spec.instruct is None or spec.instruct.type != "ra-it":
             issues.append(SpecIssue("instruct", "ra-dit's LM fine-tuning is an `ra-it` node",
                                     hint="instruct: {type: ra-it, blend: [...]}"))
-        if not any(e.type == "qa" for e in spec.eval):
-            issues.append(SpecIssue("eval", "ra-dit compares its variants with a `qa` "
-                                    "evaluator", hint="eval: [{type: qa, data_dir: ...}]"))
-        for i, e in enumerate(spec.eval):
-            if e.type != "qa":
-                issues.append(SpecIssue(f"eval.{i}", f"ra-dit runs qa evaluators only, not "
-                                        f"{e.type!r}", value=e.type, has_value=True))
-        return issues
+        return issues + qa_only_issues(spec, "ra-dit", "variants")
 
     def resolve(self, spec: Any) -> Any:
         return resolve_db(spec)
