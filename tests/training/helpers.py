@@ -84,3 +84,30 @@ def job(out: Path, train: Path, valid: Path | None = None, *, seq_length: int = 
 def rows_of(path: Path) -> list[dict[str, Any]]:
     """Metric rows a job wrote."""
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a gloo rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_gloo(worker, *args: Any, hang_s: float, what: str, world: int = 2) -> None:
+    """Run `worker(rank, world, port, *args)` on `world` spawned processes; a hang (a collective
+    that never returns) kills them and fails the test instead of blocking the suite."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=(world, free_port(), *args), nprocs=world, join=False)
+    deadline = time.monotonic() + hang_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world}-worker {what} did not finish in {hang_s} s "
+                        "(a collective hung)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,11 @@ import pytest
 from retro.components.training.checkpoint import LocalRuntime
 from retro.components.training.data import ArrayNeighbours
 from retro.components.training.loop import train
-from tests.training.helpers import VOCAB, job, model_factory, nano, rows_of
+from tests.training.helpers import VOCAB, job, model_factory, nano, rows_of, spawn_gloo
 
 M, N, K = 16, 64, 2
 STEPS, BATCH, VALID = 4, 4, 5     # 5 validation rows: 3 on rank 0, 2 on rank 1
 HANG_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, jobs: list, roots: list) -> None:
@@ -54,18 +47,7 @@ def _worker(rank: int, world: int, port: int, jobs: list, roots: list) -> None:
 
 def _spawn(jobs: list, roots: list) -> None:
     """Run `jobs` one after the other on 2 spawned gloo workers; a hang fails the test."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_worker, args=(2, _free_port(), jobs, [str(r) for r in roots]), nprocs=2,
-                   join=False)
-    import time
-
-    deadline = time.monotonic() + HANG_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-worker training did not finish in {HANG_S} s (a collective hung)")
+    spawn_gloo(_worker, jobs, [str(r) for r in roots], hang_s=HANG_S, what="training")
 
 
 def _losses(j) -> list[float]:

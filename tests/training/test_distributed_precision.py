@@ -24,8 +24,7 @@ import pytest
 from retro.components.training.checkpoint import LocalRuntime
 from retro.components.training.data import ArrayNeighbours
 from retro.components.training.loop import train
-from tests.training.helpers import VOCAB, job, model_factory, nano, rows_of
-from tests.training.test_distributed import _free_port
+from tests.training.helpers import VOCAB, job, model_factory, nano, rows_of, spawn_gloo
 
 M, N, K = 16, 64, 2
 STEPS, BATCH = 3, 4
@@ -96,18 +95,8 @@ def _worker(rank: int, world: int, port: int, jobs: list, roots: list, obs: str)
 
 
 def _spawn(jobs: list, roots: list, obs: Path) -> None:
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_worker, args=(2, _free_port(), jobs, [str(r) for r in roots], str(obs)),
-                   nprocs=2, join=False)
-    deadline = time.monotonic() + HANG_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-worker training did not finish in {HANG_S} s")
+    spawn_gloo(_worker, jobs, [str(r) for r in roots], str(obs), hang_s=HANG_S,
+               what="training")
 
 
 def _losses(j) -> list[float]:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ import pytest
 from retro.components.training.checkpoint import LocalRuntime, read_checkpoint
 from retro.components.training.data import ArrayNeighbours
 from retro.components.training.loop import train
-from tests.training.helpers import VOCAB, job, model_factory, nano, rows_of
+from tests.training.helpers import VOCAB, job, model_factory, nano, rows_of, spawn_gloo
 
 M, N, K = 16, 64, 2
 STEPS, BATCH, EVERY = 4, 4, 2
@@ -38,12 +36,6 @@ HANG_S = 300
 
 
 # ------------------------------------------------------------------------------ harness
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, task: str, payload: dict) -> None:
     import torch
     import torch.distributed as dist
@@ -59,15 +51,7 @@ def _worker(rank: int, world: int, port: int, task: str, payload: dict) -> None:
 
 def _spawn(task: str, **payload) -> None:
     """Run `task(rank, world, **payload)` on 2 spawned gloo workers; a hang fails the test."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_worker, args=(2, _free_port(), task, payload), nprocs=2, join=False)
-    deadline = time.monotonic() + HANG_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-worker {task} did not finish in {HANG_S} s (a collective hung)")
+    spawn_gloo(_worker, task, payload, hang_s=HANG_S, what=task)
 
 
 # ------------------------------------------------------------------------------ builders
