@@ -106,3 +106,29 @@ def test_fp32_leaves_the_model_alone():
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v)
                for k, v in before.items())
     assert not any(getattr(m, "fp32_cpu", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_one_token_decode_attention_equals_transformers_sdpa(masked):
+    """The decode step packs the query heads sharing a key/value head (transformers' own
+    `pack_gqa`) instead of `enable_gqa`: the same attention, to fp32 rounding."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from retro.components.models.retro.attention import _hf_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, L, d = 2, 6, 2, 37, 16
+    q = torch.randn(b, heads, 1, d, generator=g)
+    k, v = (torch.randn(b, kv_heads, L, d, generator=g) for _ in range(2))
+    mask = None
+    if masked:                                           # left padding of row 0
+        mask = torch.ones(b, 1, 1, L, dtype=torch.bool)
+        mask[0, ..., :5] = False
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False,
+                             is_causal=True)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+    got, _ = _hf_attention(module, q, k, v, mask, scaling=d ** -0.5)
+    assert got.shape == want.shape == (b, 1, heads, d)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
