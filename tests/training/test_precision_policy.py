@@ -155,7 +155,7 @@ def test_replicas_average_fp32_gradients_and_keep_unused_ones_none():
     Here a 1-rank gloo group standing in for W = 2: the sum is the rank's own gradient."""
     import torch.distributed as dist
 
-    from tests.training.test_distributed import _free_port
+    from tests.training.helpers import free_port
 
     torch.manual_seed(0)
     master = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
@@ -164,7 +164,7 @@ def test_replicas_average_fp32_gradients_and_keep_unused_ones_none():
     compute.model[0](x).float().sum().backward()          # the second layer gets no gradient
     compute.after_backward()
     local = [None if p.grad is None else p.grad.clone() for p in master.parameters()]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     try:
         compute.before_step()
