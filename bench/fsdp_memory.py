@@ -5,22 +5,27 @@ checkpointing is ≤ 0.6× the single-worker peak. Each configuration runs in fr
 goes through the training loop's own pieces, phase by phase:
 
 - init: 1 worker: the dense build (`job.model()`, as the loop does without FSDP); 2 workers,
-  `meta` (today's loop): `sharded.meta_model` + `loop._wrap` (fully_shard) +
-  `sharded.materialise`, with the decoder streamed from a sharded safetensors GPT checkpoint
-  (written once, beforehand); 2 workers, `dense` (the loop before issue 15): every rank builds
-  the whole model, then `_wrap` shards it; `meta-fine`: `meta` with `sharded.retro_units` as
-  the FSDP units (the encoder's and CCA's modules and the untied head out of the root unit);
+  `loop` (what `loop.train` does for FSDP on CPU): `sharded.return_large_frees_to_os` (a fixed
+  1 MiB glibc mmap threshold), `sharded.meta_model` + `loop._wrap` (fully_shard per
+  `loop._shard_units`, then the root) + `sharded.materialise`, with the decoder streamed from a
+  sharded safetensors GPT checkpoint (written once, beforehand); `blocks`: `loop` with the
+  decoder blocks' sub-modules as the only units (`loop._block_units`: encoder, CCA and the
+  untied head in the root, the loop before this bench's second run); `loop-glibc`: `loop`
+  without the fixed threshold; `dense` (the loop before issue 15): every rank builds the whole
+  model, then `_wrap` shards it;
 - train: AdamW (fp32 masters and state) and STEPS optimizer steps through `loop._loss_sum`;
 - checkpoint: `dcp.save_checkpoint` (every rank writes its own shards) into a LocalRuntime.
 
 Measured per phase: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs at the
 phase's start), the worst rank. The ratio is each phase's 2-worker peak over the single
 worker's overall peak, both as absolute RSS and above the import baseline (the RSS once torch,
-transformers and retro are imported, before the model: bench/memory_planner.py's convention),
-under glibc's default allocator settings and with a fixed 1 MiB mmap threshold.
+transformers and retro are imported, before the model: bench/memory_planner.py's convention).
+The single worker is measured twice, under glibc's default allocator settings (what the loop
+runs it with) and with a fixed 1 MiB threshold (`MALLOC_MMAP_THRESHOLD_`, the stricter
+reference: it lowers the single-worker peak too).
 
-    .venv/bin/python bench/fsdp_memory.py              # all three configurations
-    .venv/bin/python bench/fsdp_memory.py --only meta  # one
+    .venv/bin/python bench/fsdp_memory.py              # the default runs (RUNS)
+    .venv/bin/python bench/fsdp_memory.py --only loop  # one configuration
     FSDP_MEMORY_SMOKE=1 .venv/bin/python bench/fsdp_memory.py   # tiny dims, seconds
 """
 
@@ -46,11 +51,13 @@ NODE = {"type": "retro", "preset": "retro-tiny", "overrides": OVERRIDES, "retro"
         "cca_layers": [2, 4] if os.environ.get("FSDP_MEMORY_SMOKE") else [6, 12, 18],
         "freeze": "unfrozen"}
 CHUNK, SEQ, MB, K, STEPS = 64, 128, 1, 2, 2
-CONFIGS = {"single": 1, "meta": 2, "meta-fine": 2, "dense": 2}
-DEFAULT = ("single", "meta", "meta-fine")   # `dense` holds 2 whole models at once: --only dense
+CONFIGS = {"single": 1, "loop": 2, "blocks": 2, "loop-glibc": 2, "dense": 2}
 # glibc's dynamic mmap threshold keeps freed 1-32 MB buffers (FSDP's per-unit gathers) in the
-# heap; a fixed threshold returns them to the OS. Both allocator settings are measured.
+# heap; a fixed threshold returns them to the OS (the loop sets it in FSDP workers on CPU).
 MALLOC = {"glibc-default": {}, "mmap-threshold-1MiB": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+# (allocator environment, configuration); `dense` holds 2 whole models at once: --only dense
+RUNS = [("glibc-default", "single"), ("mmap-threshold-1MiB", "single"),
+        ("glibc-default", "loop"), ("glibc-default", "blocks"), ("glibc-default", "loop-glibc")]
 
 
 def _kib(field: str) -> int:
@@ -84,7 +91,8 @@ def measure(name: str, gpt_dir: str, work: str) -> dict:
     from retro.components.training.dcp import save_checkpoint
     from retro.components.training.loop import _loss_sum, _param_groups, _wrap
     from retro.components.training.models import build_fresh
-    from retro.components.training.sharded import materialise, meta_model
+    from retro.components.training.sharded import (materialise, meta_model,
+                                                   return_large_frees_to_os)
 
     torch.set_num_threads(1)
     world = CONFIGS[name]
@@ -108,12 +116,13 @@ def measure(name: str, gpt_dir: str, work: str) -> dict:
 
     _reset_peak()
     torch.manual_seed(0)
-    if name == "meta-fine":       # finer units: Retro parts and the untied head out of the root
+    if name in ("loop", "blocks"):    # as loop.train: the threshold before the model
+        return_large_frees_to_os()
+    if name == "blocks":              # encoder, CCA and the untied head in the root unit
         import retro.components.training.loop as loop
-        from retro.components.training.sharded import retro_units
 
-        loop._shard_units = functools.partial(retro_units, blocks=loop._shard_units)
-    if name.startswith("meta"):
+        loop._shard_units = loop._block_units
+    if name != "dense" and world > 1:
         model = _wrap(meta_model(builder), True, world, cpu)
         materialise(model, 0, cpu)
     else:
@@ -124,11 +133,15 @@ def measure(name: str, gpt_dir: str, work: str) -> dict:
 
     _reset_peak()
     opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4, fused=False)
+    import time
+
+    start = time.perf_counter()
     for _ in range(STEPS):
         (_loss_sum(model, batch, cpu) / SEQ).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     peaks["train"] = _kib("VmHWM")
+    train_s = time.perf_counter() - start
 
     _reset_peak()
     runtime = LocalRuntime(Path(work) / name)
@@ -139,6 +152,7 @@ def measure(name: str, gpt_dir: str, work: str) -> dict:
     out = {"config": name, "workers": world, "params": params, "baseline_mib": base / 1024,
            **{f"{k}_mib": _worst(v, world) / 1024 for k, v in peaks.items()}}
     out["peak_mib"] = max(out[f"{k}_mib"] for k in peaks)
+    out["train_s"] = _worst(train_s, world)
     out["baseline_mib"] = _worst(base, world) / 1024
     if world > 1:
         import torch.distributed as dist
@@ -180,7 +194,8 @@ def main() -> None:
                         f".Path({str(gpt)!r}))"], check=True, env=env)
         shards = sorted(p.name for p in gpt.glob("*.safetensors"))
         print(f"GPT init: {len(shards)} safetensors shards + index", flush=True)
-        runs = [(m, n) for m in args.malloc or MALLOC for n in args.only or DEFAULT]
+        runs = RUNS if not (args.only or args.malloc) else \
+            [(m, n) for m in args.malloc or ["glibc-default"] for n in args.only or CONFIGS]
         for malloc, name in runs:
             world = CONFIGS[name]
             port = str(29600 + os.getpid() % 1000)
@@ -196,20 +211,20 @@ def main() -> None:
             r = json.loads(outs[0].strip().splitlines()[-1])
             r["malloc"] = malloc
             rows.append(r)
-            print(f"{malloc:20s} {name:7s} x{world} params {r['params'] / 1e6:.0f}M  peak RSS MiB: "
+            print(f"{malloc:20s} {name:10s} x{world} params {r['params'] / 1e6:.0f}M  peak RSS MiB: "
                   f"init {r['init_mib']:7.0f}  train {r['train_mib']:7.0f}  checkpoint "
                   f"{r['checkpoint_mib']:7.0f}  overall {r['peak_mib']:7.0f}  (baseline "
-                  f"{r['baseline_mib']:.0f})", flush=True)
+                  f"{r['baseline_mib']:.0f}); {STEPS} steps {r['train_s']:.1f} s", flush=True)
+    singles = [s for s in rows if s["workers"] == 1]
     for r in rows:
-        single = next((s for s in rows if s["workers"] == 1 and s["malloc"] == r["malloc"]),
-                      None)
-        if single is None or r["workers"] == 1:
+        if r["workers"] == 1:
             continue
-        for label, off in (("absolute RSS", 0.0), ("above the import baseline", 1.0)):
-            print(f"{r['malloc']} {r['config']}: per-worker / single-worker peak ({label}): "
-                  + ", ".join(f"{p} {(r[p + '_mib'] - off * r['baseline_mib']) / (single['peak_mib'] - off * single['baseline_mib']):.2f}"
-                              for p in ("init", "train", "checkpoint", "peak"))
-                  + " (target <= 0.6)")
+        for single in singles:
+            for label, off in (("absolute RSS", 0.0), ("above the import baseline", 1.0)):
+                print(f"{r['config']} / single ({single['malloc']}), {label}: "
+                      + ", ".join(f"{p} {(r[p + '_mib'] - off * r['baseline_mib']) / (single['peak_mib'] - off * single['baseline_mib']):.2f}"
+                                  for p in ("init", "train", "checkpoint", "peak"))
+                      + " (target <= 0.6)")
     print(json.dumps(rows))
 
 

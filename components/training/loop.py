@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from retro.components.training.dcp import load_checkpoint, resume_point, save_checkpoint
-from retro.components.training.sharded import materialise, meta_model
+from retro.components.training.sharded import materialise, meta_model, return_large_frees_to_os
 from retro.components.training.sharded_export import export_sharded
 from retro.components.training.activation_checkpointing import apply_activation_checkpointing
 from retro.components.training.config import ResolvedSchedule, RunSettings
@@ -97,6 +97,8 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     # FSDP: built on the meta device, sharded by _wrap, then each rank fills its own shards
     model = meta_model(job.model) if run.fsdp and world > 1 and _distributed() else None
     on_meta = model is not None
+    if on_meta and device.type == "cpu":
+        return_large_frees_to_os()            # freed unit gathers leave the RSS
     model = model if on_meta else _fp32_masters(job.model())
     apply_activation_checkpointing(model, run.activation_checkpointing,
                                    f"resources.stages.{job.name}.activation_checkpointing")
@@ -313,7 +315,7 @@ def _wrap(model: Any, fsdp: bool, world: int, device: Any, find_unused: bool = F
         mp = policy.fsdp_kwargs() if policy is not None else {}
         for module in _shard_units(model):
             fully_shard(module, **mp)
-        fully_shard(model, **mp)  # the root holds the rest: embeddings, head, encoder, CCA
+        fully_shard(model, **mp)  # the root holds the rest: embeddings, tied head, final norms
         return model
     if policy is not None and policy.by_hand:
         return model
@@ -324,11 +326,34 @@ def _wrap(model: Any, fsdp: bool, world: int, device: Any, find_unused: bool = F
 
 
 def _shard_units(model: Any) -> list:
-    """FSDP units: the sub-modules of each decoder block (the first ModuleList found).
+    """FSDP units, each gathered only while it runs, so the root (gathered for the whole step)
+    keeps only the input embeddings (entered again by the neighbours' lookup), a tied head and
+    the final norms:
 
-    Retro runs a block's attention, norms and MLP one by one rather than the block's own
-    forward, so the units are those children, each entered through its forward (where FSDP2
-    gathers its parameters); a whole block would never be."""
+    - the sub-modules of each decoder block (the first ModuleList found): Retro runs a block's
+      attention, norms and MLP one by one rather than the block's own forward, so the units are
+      those children, each entered through its forward (where FSDP2 gathers its parameters); a
+      whole block would never be;
+    - for Retro, the children of each encoder layer and each CCA's norm and attention;
+    - an untied output head.
+
+    On the 316M bench model these finer units cut the 2-worker peak RSS by 0.3 GB against
+    decoder-block units alone (docs/benchmarks.md, "FSDP2 per-worker memory")."""
+    units = _block_units(model)
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None:
+        units += [child for layer in encoder.layers for child in layer.children()
+                  if any(True for _ in child.parameters())]
+        units += [part for cca in model.cca.values() for part in (cca.norm, cca.attn)]
+    decoder = getattr(model, "decoder", model)
+    head = decoder.get_output_embeddings() if hasattr(decoder, "get_output_embeddings") else None
+    if head is not None and head.weight is not decoder.get_input_embeddings().weight:
+        units.append(head)
+    return units
+
+
+def _block_units(model: Any) -> list:
+    """The sub-modules of each decoder block (the first ModuleList found) that hold weights."""
     import torch
 
     for module in model.modules():

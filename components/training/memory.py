@@ -39,10 +39,22 @@ from typing import Any
 
 GiB = 2**30
 
-DEVICES_GB = {"a100-40g": 40.0, "a100-80g": 80.0, "h100-80g": 80.0, "h200-141g": 141.0,
-              "l40s-48g": 48.0, "a10g-24g": 24.0}
-"""Device name -> memory in GiB (an "80 GB" H100 has 79.6 GiB; the names round), for
-`resources.*.device`."""
+DEVICES_GB = {"a100-40g": 40.0, "a100-80g": 80.0, "h100-80g": 79.6, "h200-141g": 140.4,
+              "l40s-48g": 45.0, "a10g-24g": 22.5}
+"""Device name -> total memory in GiB as the driver reports it (nvidia-smi's MiB / 1024: an
+"80 GB" H100 has 81,559 MiB = 79.6 GiB, a "141 GB" H200 143,771 MiB = 140.4 GiB; the names
+round), for `resources.*.device`."""
+
+RESERVE_FRACTION = 0.05
+RESERVE_MIN_GB = 1.5
+"""What a stage cannot plan into: max(5%, 1.5 GiB) of the device, for the CUDA context,
+cuBLAS / NCCL workspaces (about 1-1.5 GiB together) and the caching allocator's fragmentation
+(memory reserved in blocks that no tensor fills). A plan at 99% of the device is an OOM."""
+
+
+def usable_bytes(device_total: float) -> float:
+    """Of a device's total bytes, what tensors can plan on (see RESERVE_FRACTION)."""
+    return device_total - max(RESERVE_FRACTION * device_total, RESERVE_MIN_GB * GiB)
 
 
 @dataclass(frozen=True)
@@ -346,14 +358,15 @@ def plan_rows(m: ModelShape, w: Workload, resources: Any) -> dict[str, str]:
         f"checkpointing {ckpt})"),
         "memory/activations": (f"{fmt_gib(est.activations_no_ckpt)} GiB without "
                                f"checkpointing, {fmt_gib(est.activations_full_ckpt)} with")}
-    cap = device_bytes(resources)
-    if cap is not None:
+    total = device_bytes(resources)
+    if total is not None:
         name = getattr(resources, "device", None) or "gpu_memory_gb"
+        cap = usable_bytes(total)
+        of = f"{cap / GiB:.1f} usable of {total / GiB:g} GiB ({name})"
         if est.total <= cap:
-            rows["memory/fits"] = f"yes: {est.total / GiB:.1f} of {cap / GiB:g} GiB ({name})"
+            rows["memory/fits"] = f"yes: {est.total / GiB:.1f} GiB, {of}"
         else:
-            rows["memory/fits"] = (f"NO: {est.total / GiB:.1f} GiB > {cap / GiB:g} GiB "
-                                   f"({name}); "
+            rows["memory/fits"] = (f"NO: {est.total / GiB:.1f} GiB > {of}; "
                                    f"fix: {fix_hint(m, w, cap)}")
     return rows
 

@@ -168,28 +168,27 @@ def _stream(model: Any, prefix: str, folder: Path, keys: dict[str, str], device:
                 _local(p).copy_(rows.to(device=device, dtype=p.dtype))
 
 
-def retro_units(model: Any, blocks: Optional[Callable[[Any], list]] = None) -> list:
-    """Finer FSDP units than the loop's (`loop._shard_units`: decoder block children only):
-    also the children of each Retro encoder layer, each CCA's norm and attention, and an
-    untied output head, so the root keeps only the input embeddings (entered a second time by
-    the neighbours' lookup), a tied head and the final norms.
+MMAP_THRESHOLD = 1 << 20
+"""Bytes: host allocations at least this large are mmapped, so freeing them returns the
+memory to the OS (see `return_large_frees_to_os`)."""
 
-    Not used by the loop yet: the memory planner plans from the loop's units, and with these
-    the 48B plan without activation checkpointing fits (137.9 of 141 GiB) where issue 15's
-    acceptance expects it not to; `bench/fsdp_memory.py` measures both.
 
-    Args:
-        blocks: the decoder-block units (default `loop._shard_units`)."""
-    if blocks is None:
-        from retro.components.training.loop import _shard_units as blocks
+def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (what `MALLOC_MMAP_THRESHOLD_` does, set from inside a
+    running worker). glibc's default threshold grows with every large free up to 32 MB, so
+    FSDP's per-unit all-gather buffers (1-32 MB each, freed after every unit) stay in the heap
+    and a CPU worker's RSS holds about one gathered copy of every unit. Fixed at 1 MiB, they go
+    back to the OS; CUDA memory is not affected. Returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
 
-    units = blocks(model)
-    if getattr(model, "encoder", None) is not None:
-        units += [child for layer in model.encoder.layers for child in layer.children()
-                  if any(True for _ in child.parameters())]
-        units += [part for cca in model.cca.values() for part in (cca.norm, cca.attn)]
-    decoder = getattr(model, "decoder", None)
-    head = decoder.get_output_embeddings() if decoder is not None else None
-    if head is not None and head.weight is not decoder.get_input_embeddings().weight:
-        units.append(head)
-    return units
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return False
+    if mallopt is None:
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))

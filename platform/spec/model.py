@@ -47,9 +47,12 @@ class ResourceRequest(StrictModel):
     per-device memory."""
     device: Optional[Literal["a100-40g", "a100-80g", "h100-80g", "h200-141g", "l40s-48g",
                              "a10g-24g"]] = None
-    """Accelerator each worker gets, for `retro plan`'s memory check (its memory in GiB)."""
+    """Accelerator each worker gets, for `retro plan`'s memory check (its total memory as the
+    driver reports it, less a reserve of max(5%, 1.5 GiB) for the CUDA context, workspaces and
+    allocator fragmentation)."""
     gpu_memory_gb: Optional[float] = Field(None, gt=0)
-    """Device memory per worker in GiB for `retro plan`'s check; wins over `device`."""
+    """Device memory per worker in GiB (the total, as the driver reports it) for `retro plan`'s
+    check, less the same reserve as `device`; wins over `device`."""
 
     @field_validator("activation_checkpointing")
     @classmethod

@@ -133,3 +133,20 @@ def test_retro_checkpointing_keeps_sub_block_inputs_and_rebuilds_the_largest_pie
               (3 + 2) * e * t * h + enc + e * t_enc * h + mlp]
     assert estimate_memory(retro, w).activations == pytest.approx(max(phases))
     assert max(phases) == phases[2]
+
+
+def test_a_plan_within_the_device_reserve_does_not_fit():
+    """The CUDA context, workspaces and allocator fragmentation take max(5%, 1.5 GiB): a stage
+    estimated at 97% of the device's total is marked NO, one at 90% fits."""
+    from types import SimpleNamespace
+
+    from retro.components.training.memory import GiB, plan_rows
+
+    w = Workload(seq=2048, micro_batch=1, compute_bytes=2)
+    total = estimate_memory(GPT, w).total
+    for share, verdict in ((0.97, "NO"), (0.90, "yes")):
+        device = SimpleNamespace(gpu_memory_gb=total / share / GiB, device=None)
+        assert plan_rows(GPT, w, device)["memory/fits"].startswith(verdict), share
+    # a small device: the 1.5 GiB floor, not 5%
+    small = SimpleNamespace(gpu_memory_gb=total / GiB + 1.0, device=None)
+    assert plan_rows(GPT, w, small)["memory/fits"].startswith("NO")
