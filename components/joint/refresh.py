@@ -148,7 +148,7 @@ class RefreshWorker:
             np.zeros((0, self.embedder._model.config.hidden_size), np.float32)
         _save_npy_atomic(out / EMBEDDINGS, emb.astype(np.float32, copy=False))
         t_index = time.time()
-        self._write_index(out / INDEX, emb, job["factory"], job["metric"])
+        write_index(out / INDEX, emb, job["factory"], job["metric"])
         meta = {"digest": job["digest"], "step": job["step"], "n_docs": n,
                 "dim": int(emb.shape[1]), "factory": job["factory"], "metric": job["metric"],
                 "precision": self.embedder.precision, "shards": len(ranges),
@@ -195,21 +195,22 @@ class RefreshWorker:
             raise _InjectedCrash(f"injected crash before {next_shard.name}")
         os._exit(17)
 
-    @staticmethod
-    def _write_index(path: Path, emb: np.ndarray, factory: str, metric: str) -> None:
-        import faiss
+def write_index(path: Path, emb: np.ndarray, factory: str, metric: str) -> None:
+    """A faiss index over `emb` (trained on it when the factory needs training), written
+    atomically to `path`."""
+    import faiss
 
-        from retro.components.retrieval.faiss_index import FaissConfig, FaissIndex
+    from retro.components.retrieval.faiss_index import FaissConfig, FaissIndex
 
-        spec = FaissIndex(FaissConfig(factory=factory, metric=metric))
-        index = spec.build(emb.shape[1])
-        x = np.ascontiguousarray(emb, dtype=np.float32)
-        if not index.is_trained:
-            index.train(x)
-        index.add(x)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
+    spec = FaissIndex(FaissConfig(factory=factory, metric=metric))
+    index = spec.build(emb.shape[1])
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    if not index.is_trained:
+        index.train(x)
+    index.add(x)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
 
 
 class IndexRefresher:

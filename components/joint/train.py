@@ -173,7 +173,7 @@ class JointTrainer:
         encoder and settings: the refresher reproduces the embed stage bit for bit), so no arm
         pays a full re-embedding before its first step. None: build it."""
         from retro.components.joint.live_index import EMBEDDINGS, INDEX, META, IndexSnapshot
-        from retro.components.joint.refresh import RefreshWorker
+        from retro.components.joint.refresh import write_index
         from retro.platform.store import write_json_atomic
 
         art = self.ctx.inputs.get("embeddings")
@@ -193,7 +193,7 @@ class JointTrainer:
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             shutil.copyfile(Path(art.path) / "embeddings.npy", out / EMBEDDINGS)
-            RefreshWorker._write_index(out / INDEX, np.asarray(emb), self.factory, self.metric)
+            write_index(out / INDEX, np.asarray(emb), self.factory, self.metric)
             write_json_atomic(out / META, {
                 "digest": digest, "step": 0, "n_docs": int(emb.shape[0]),
                 "dim": int(emb.shape[1]), "factory": self.factory, "metric": self.metric,
