@@ -68,16 +68,17 @@ def token_logprobs(model: Any, rows: Rows) -> tuple[Any, Any, Any]:
     """
     import torch
 
-    x = torch.as_tensor(rows.tokens)
+    dev = model.get_output_embeddings().weight.device          # where the LM computes
+    x = torch.as_tensor(rows.tokens, device=dev)
     k, t = len(rows.tokens), int(rows.loss_mask[:, 1:].sum(1).max())
-    pos = torch.zeros((k, t), dtype=torch.long)                 # positions that predict them
-    lmask = torch.zeros((k, t))
-    ymask = torch.zeros((k, t))
+    pos = torch.zeros((k, t), dtype=torch.long, device=dev)     # positions that predict them
+    lmask = torch.zeros((k, t), device=dev)
+    ymask = torch.zeros((k, t), device=dev)
     for i in range(k):
         p = np.flatnonzero(rows.loss_mask[i, 1:]) + 1           # token 0 is never predicted
-        pos[i, :len(p)] = torch.as_tensor(p - 1)
+        pos[i, :len(p)] = torch.as_tensor(p - 1, device=dev)
         lmask[i, :len(p)] = 1
-        ymask[i, :len(p)] = torch.as_tensor(rows.y_mask[i, p].astype(np.float32))
+        ymask[i, :len(p)] = torch.as_tensor(rows.y_mask[i, p].astype(np.float32), device=dev)
     hidden = model.base_model(input_ids=x[:, :-1] if x.shape[1] > 1 else x).last_hidden_state
     h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))      # [k, t, d]
     logits = model.get_output_embeddings()(h).float()
@@ -94,8 +95,8 @@ def align_y(logp: Any, ymask: Any) -> tuple[Any, Any]:
 
     k = logp.shape[0]
     n = int(ymask.sum(1).max()) if k else 0
-    out = torch.zeros((k, max(n, 1)), dtype=logp.dtype)
-    m = torch.zeros((k, max(n, 1)))
+    out = logp.new_zeros((k, max(n, 1)))
+    m = torch.zeros((k, max(n, 1)), device=logp.device)
     for i in range(k):
         idx = torch.nonzero(ymask[i] > 0, as_tuple=False)[:, 0]
         out[i, :len(idx)] = logp[i, idx]

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from retro.components.devices import stage_device
 from retro.components.joint.config import Arm, JointConfig, arm_config
 from retro.components.joint.losses import (emdr2_loss, pdist_loss, reader_loss,
                                            retriever_log_probs, retriever_scores,
@@ -121,8 +122,9 @@ class JointTrainer:
         self.corpus = db.texts(0, db.n_chunks, raw_tokenizer(ctx.inputs["tokenizer"].path))
         if db.n_chunks < cfg.k:
             raise InputDataError(f"recipe.joint.k = {cfg.k} but the DB has {db.n_chunks} chunks")
-        self.q = QueryEncoder(self.embedder_node)
-        self.d = QueryEncoder(self.embedder_node)
+        self.device = stage_device(ctx)        # towers and reader; faiss and numpy stay on CPU
+        self.q = QueryEncoder(self.embedder_node, device=self.device)
+        self.d = QueryEncoder(self.embedder_node, device=self.device)
         for p in self.d.parameters():
             p.requires_grad_(self.trains_docs)
         for p in self.q.parameters():
@@ -149,7 +151,7 @@ class JointTrainer:
         self.start, self.pending_state = 0, None
         ckpt = ctx.work_dir / CHECKPOINT
         if ckpt.exists():
-            self._resume(torch.load(ckpt, weights_only=False))
+            self._resume(torch.load(ckpt, weights_only=False, map_location=self.device))
             self._trim_metrics()
             self.live = LiveIndex.load(self.root, self.index_digest)
             ctx.log.info("joint: resumed at step %d with index %s", self.start,
@@ -211,7 +213,7 @@ class JointTrainer:
         root = Path(self.ctx.inputs["lm"].path)
         folder = find_model_dir(root)
         lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                  attn_implementation="sdpa")
+                                                  attn_implementation="sdpa").to(self.device)
         for p in lm.parameters():
             p.requires_grad_(self.cfg.train_lm)
         return lm, AutoTokenizer.from_pretrained(find_tokenizer_dir(folder, root))
@@ -283,7 +285,7 @@ class JointTrainer:
         queries = [e.query for e in batch]
         scores, ids, snap = self.live.search_with_snapshot(self._embed(self.q, queries), cfg.k)
         t_search = time.time()
-        mask = torch.as_tensor(ids >= 0)
+        mask = torch.as_tensor(ids >= 0, device=self.device)
         texts = [[self.corpus[i] if i >= 0 else "" for i in row] for row in ids]
         log_p_r = self._retriever_log_probs(queries, texts, ids, scores, mask)
         b, k = ids.shape
@@ -332,7 +334,7 @@ class JointTrainer:
 
         cfg = self.cfg
         if not self.trains_retriever:
-            s = torch.as_tensor(scores, dtype=torch.float32)
+            s = torch.as_tensor(scores, dtype=torch.float32, device=self.device)
             if self.metric == "l2":
                 s = -s                                   # faiss L2: squared distance
             return retriever_log_probs(s, cfg.retriever_temperature, mask)
@@ -344,7 +346,8 @@ class JointTrainer:
             dv = self.d(flat).reshape(len(texts), -1, qv.shape[-1])    # [b, k, d]
         else:
             emb = self.live.snapshot.embeddings()
-            dv = torch.as_tensor(np.asarray(emb[np.maximum(ids, 0)], dtype=np.float32))
+            dv = torch.as_tensor(np.asarray(emb[np.maximum(ids, 0)], dtype=np.float32),
+                                 device=self.device)
         s = retriever_scores(qv, dv, self.metric)
         return retriever_log_probs(s, cfg.retriever_temperature, mask)
 

@@ -33,6 +33,7 @@ import numpy as np
 from retro.components.evaluators.ablation import EvalParams, evaluator_settings
 from retro.platform.spec.node import Node
 from retro.platform.stage import Slot, StageContext, stage
+from retro.components.devices import stage_device
 from retro.components.evaluators.lm import load_eval_lm
 from retro.components.knnlm.datastore import check_plain_lm
 from retro.components.knnlm.scoring import SequenceRows, check_vocab, declare
@@ -134,6 +135,8 @@ def lm_scorer(decoder: Any, pad_id: int, batch: int = 16) -> Score:
     """A `Score` running an HF causal LM on right-padded batches."""
     import torch
 
+    device = next(decoder.parameters()).device
+
     def score(inputs: list[list[int]], firsts: list[int], targets: list[list[int]]
               ) -> list[np.ndarray]:
         out: list[np.ndarray] = []
@@ -146,8 +149,9 @@ def lm_scorer(decoder: Any, pad_id: int, batch: int = 16) -> Score:
                 ids[i, :len(x)] = torch.tensor(x)
                 mask[i, :len(x)] = 1
             with torch.inference_mode():
-                logp = torch.log_softmax(decoder(input_ids=ids, attention_mask=mask,
-                                                 use_cache=False).logits.float(), -1)
+                logits = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 use_cache=False).logits
+                logp = torch.log_softmax(logits.float(), -1).cpu()
             for i in range(len(chunk)):
                 f, t = firsts[a + i], torch.tensor(targets[a + i])
                 out.append(logp[i, f:f + len(t)].gather(-1, t[:, None])[:, 0].double().numpy())
@@ -221,11 +225,12 @@ def eval_ralm(ctx: StageContext[EvalRalmParams]) -> dict[str, Any]:
     cfg = evaluator_settings(ctx.params)
     seqs = Sequences(ctx.inputs["sequences"])
     retriever = Retriever.from_artifacts(ctx.params.retriever, ctx.inputs)
+    device = stage_device(ctx)
     lm = load_eval_lm(ctx.inputs["model"].path, ctx.inputs["tokenizer"].path,
-                      threads=max(1, int(ctx.resources.cpus_per_worker)))
+                      threads=max(1, int(ctx.resources.cpus_per_worker)), device=device)
     check_plain_lm(lm, ctx.name)
     check_vocab(lm, retriever.tokenizer, ctx.name)
-    precision = stage_precision(ctx, cfg.precision, "cpu")
+    precision = stage_precision(ctx, cfg.precision, device)
     node = ctx.params.retriever
     higher = not (node.type != "bm25" and getattr(node.index, "metric", "ip") == "l2")
     decoder = lm.model.decoder
@@ -235,12 +240,13 @@ def eval_ralm(ctx: StageContext[EvalRalmParams]) -> dict[str, Any]:
     n = min(len(seqs), cfg.max_sequences or len(seqs))
     rows = SequenceRows(ctx.out_dir, retriever.tokenizer)
     with ctx.progress(n, ctx.name) as bar, open(ctx.out_dir / "retrievals.jsonl", "w") as rfh, \
-            inference_autocast(decoder, precision, "cpu"):
+            inference_autocast(decoder, precision, device):
         for seq in range(n):
             toks = np.asarray(seqs.tokens[seq], dtype=np.int64)
             with ctx.timer("forward"), torch.inference_mode():
-                base = torch.log_softmax(decoder(input_ids=torch.from_numpy(toks[None, :-1]),
-                                                 use_cache=False).logits.float(), -1)
+                ids = torch.from_numpy(toks[None, :-1]).to(device)
+                base = torch.log_softmax(decoder(input_ids=ids, use_cache=False).logits.float(),
+                                         -1).cpu()
                 lm_logp = base[0].gather(-1, torch.from_numpy(toks[1:, None]))[:, 0].double()
             scorer.trace = []
             with ctx.timer("retrieval+forward"):

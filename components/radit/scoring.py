@@ -78,15 +78,18 @@ def answer_logprobs(model: Any, tokens: np.ndarray, mask: np.ndarray, batch_size
     ends = np.array([np.flatnonzero(m).max() + 1 if m.any() else 1 for m in mask])
     order = np.argsort(-ends, kind="stable")                 # similar lengths share a batch
     model.eval()
+    params = getattr(model, "parameters", None)       # the stage's device (load_eval_lm)
+    first = next(iter(params()), None) if params is not None else None
+    device = first.device if first is not None else torch.device("cpu")
     with torch.inference_mode():
         for a in range(0, len(order), batch_size):
             rows = order[a:a + batch_size]
             w = int(ends[rows].max())
-            x = torch.as_tensor(tokens[rows, :w], dtype=torch.long)
+            x = torch.as_tensor(tokens[rows, :w], dtype=torch.long, device=device)
             m = torch.as_tensor(mask[rows, 1:w], dtype=torch.float64)
             logits = model(x[:, :-1]).logits.float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None])[..., 0]
-            out[rows] = (logp.double() * m).sum(-1).numpy()
+            out[rows] = (logp.double().cpu() * m).sum(-1).numpy()
             if progress:
                 progress(len(rows))
     return out, count

@@ -121,8 +121,8 @@ def _retrieve(retriever: Any, examples: Sequence[Example], k: int
     return ids, scores, texts
 
 
-def _load_lm(path: Path, threads: int) -> Any:
-    return load_eval_lm(path, threads=threads)
+def _load_lm(path: Path, threads: int, device: str = "cpu") -> Any:
+    return load_eval_lm(path, threads=threads, device=device)
 
 
 def _eod(tokenizer: Any) -> int:
@@ -227,7 +227,7 @@ def _lm_scores(ctx: Any, cfg: LSRConfig, examples: list[Example], ids: np.ndarra
         if np.array_equal(saved["ids"], ids):
             ctx.log.info("lsr: LM scores from the work dir (%d rows)", int((ids >= 0).sum()))
             return saved["logp"], saved["n_tokens"]
-    lm = _load_lm(ctx.inputs["lm"].path, _threads(ctx))
+    lm = _load_lm(ctx.inputs["lm"].path, _threads(ctx), stage_device(ctx))
     tok = lm.tokenizer
     tokens, masks, cut = render_rows(examples, texts, tok, _eod(tok), cfg.max_tokens,
                                      cfg.system, cfg.max_tokens // 2)
