@@ -30,17 +30,38 @@ RAY = str(Path(sys.executable).with_name("ray"))
 STEPS, EVERY = 24, 4
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports, none handed out before in this session: the sockets stay
+    bound until all n are picked (a closed port can come back from the very next bind, which
+    once gave the GCS and the runtime-env agent the same port)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    _HANDED_OUT.update(ports)
+    return ports
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
 
 
 def _ports() -> list[str]:
     """Each node's own ports: two raylets on one machine must not share any."""
     names = ("node-manager-port", "object-manager-port", "metrics-export-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
-    return [f"--{n}={_free_port()}" for n in names]
+    return [f"--{n}={p}" for n, p in zip(names, _free_ports(len(names)))]
 
 
 class LoopbackCluster:
