@@ -33,3 +33,13 @@ def faiss_gpus(ctx: Any) -> int:
     import faiss
 
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+def module_device(model: Any) -> Any:
+    """The device a model computes on: its first parameter's (CPU for one without any), where
+    its callers move their inputs."""
+    import torch
+
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if params is not None else None
+    return first.device if first is not None else torch.device("cpu")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from retro.components.devices import module_device
+
 from retro.components.models.retro.layout import RETRO_CONFIG
 from retro.platform.errors import InputDataError
 
@@ -95,7 +97,7 @@ def token_nll(lm: EvalLM, input_ids: Any, labels: Any, neighbours: Any = None) -
     import torch
     import torch.nn.functional as F
 
-    device = next(lm.model.parameters()).device
+    device = module_device(lm.model)
     labels = labels.to(device)
     with torch.inference_mode():
         logits = lm.model(input_ids.to(device), neighbours=None if neighbours is None

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from retro.components.devices import module_device
 from retro.components.evaluators.prompts import cut_tokens, with_background
 from retro.components.instruct.render import encode
 from retro.components.radit.data import Example
@@ -68,7 +69,7 @@ def token_logprobs(model: Any, rows: Rows) -> tuple[Any, Any, Any]:
     """
     import torch
 
-    dev = model.get_output_embeddings().weight.device          # where the LM computes
+    dev = module_device(model)                                  # where the LM computes
     x = torch.as_tensor(rows.tokens, device=dev)
     k, t = len(rows.tokens), int(rows.loss_mask[:, 1:].sum(1).max())
     pos = torch.zeros((k, t), dtype=torch.long, device=dev)     # positions that predict them

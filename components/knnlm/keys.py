@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from retro.platform.errors import UserError
+from retro.components.devices import module_device
 
 
 def ffn_module(decoder: Any) -> Any:
@@ -47,7 +48,7 @@ def forward_keys(decoder: Any, input_ids: Any, key: str) -> tuple[Any, Any]:
     handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
         with torch.inference_mode():
-            logits = decoder(input_ids=input_ids.to(next(decoder.parameters()).device),
+            logits = decoder(input_ids=input_ids.to(module_device(decoder)),
                              use_cache=False).logits
     finally:
         handle.remove()

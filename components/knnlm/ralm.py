@@ -33,7 +33,7 @@ import numpy as np
 from retro.components.evaluators.ablation import EvalParams, evaluator_settings
 from retro.platform.spec.node import Node
 from retro.platform.stage import Slot, StageContext, stage
-from retro.components.devices import stage_device
+from retro.components.devices import module_device, stage_device
 from retro.components.evaluators.lm import load_eval_lm
 from retro.components.knnlm.datastore import check_plain_lm
 from retro.components.knnlm.scoring import SequenceRows, check_vocab, declare
@@ -135,7 +135,7 @@ def lm_scorer(decoder: Any, pad_id: int, batch: int = 16) -> Score:
     """A `Score` running an HF causal LM on right-padded batches."""
     import torch
 
-    device = next(decoder.parameters()).device
+    device = module_device(decoder)
 
     def score(inputs: list[list[int]], firsts: list[int], targets: list[list[int]]
               ) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from retro.components.devices import module_device
 from retro.components.radit.data import Example
 from retro.components.evaluators.prompts import cut_tokens, with_background
 from retro.components.instruct.render import encode
@@ -78,9 +79,7 @@ def answer_logprobs(model: Any, tokens: np.ndarray, mask: np.ndarray, batch_size
     ends = np.array([np.flatnonzero(m).max() + 1 if m.any() else 1 for m in mask])
     order = np.argsort(-ends, kind="stable")                 # similar lengths share a batch
     model.eval()
-    params = getattr(model, "parameters", None)       # the stage's device (load_eval_lm)
-    first = next(iter(params()), None) if params is not None else None
-    device = first.device if first is not None else torch.device("cpu")
+    device = module_device(model)                   # the stage's device (load_eval_lm)
     with torch.inference_mode():
         for a in range(0, len(order), batch_size):
             rows = order[a:a + batch_size]
