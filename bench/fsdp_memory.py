@@ -10,7 +10,7 @@ goes through the training loop's own pieces, phase by phase:
   `loop._shard_units`, then the root) + `sharded.materialise`, with the decoder streamed from a
   sharded safetensors GPT checkpoint (written once, beforehand); `blocks`: `loop` with the
   decoder blocks' sub-modules as the only units (`loop._block_units`: encoder, CCA and the
-  untied head in the root, the loop before this bench's second run); `loop-glibc`: `loop`
+  untied head in the root, as the loop sharded before the finer units); `loop-glibc`: `loop`
   without the fixed threshold; `dense` (the loop before issue 15): every rank builds the whole
   model, then `_wrap` shards it;
 - train: AdamW (fp32 masters and state) and STEPS optimizer steps through `loop._loss_sum`;

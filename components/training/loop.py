@@ -97,7 +97,7 @@ def train(job: TrainJob, runtime: Any) -> dict[str, Any]:
     # FSDP: built on the meta device, sharded by _wrap, then each rank fills its own shards
     model = meta_model(job.model) if run.fsdp and world > 1 and _distributed() else None
     on_meta = model is not None
-    if on_meta and device.type == "cpu":
+    if run.fsdp and world > 1 and device.type == "cpu":
         return_large_frees_to_os()            # freed unit gathers leave the RSS
     model = model if on_meta else _fp32_masters(job.model())
     apply_activation_checkpointing(model, run.activation_checkpointing,
