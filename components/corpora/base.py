@@ -173,8 +173,8 @@ class BaseCorpus:
                 if remaining == 0:
                     break
                 cap = min(remaining, per_source or math.inf)
-                n = sum(1 for _ in zip(range(cap) if cap < math.inf else itertools.count(),
-                                       self.read(source, stats)))
+                n = sum(1 for _ in itertools.islice(self.read(source, stats),
+                                                    None if cap == math.inf else int(cap)))
                 counts.append(n)
                 remaining -= n
             sources = sources[:len(counts)]
