@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.neighbour_overlap import artifact
+from retro.platform.stats import Aggregate, paired_difference
+
+PPL = Aggregate(kind="exp-ratio")
 
 
 def per_sequence(run: Path, store: Path, name: str) -> dict[int, tuple[float, int]]:
@@ -62,22 +65,24 @@ def main() -> None:
     print(f"{len(seqs)} sequences; overlap mean {overlap.mean():.3f}, median "
           f"{np.median(overlap):.3f}")
     print("| overlap bin | sequences | mean overlap | " + " | ".join(f"{m} ppl" for m in models)
-          + " | Retro-fit vs GPT-fit | gate 0 vs Retro-fit |")
+          + " | Retro-fit vs GPT-fit [95% CI] | gate 0 vs Retro-fit [95% CI] |")
     print("|---" * (5 + len(models)) + "|")
     edges = args.bins
     for lo, hi in zip(edges[:-1], edges[1:]):
         pick = [i for i, o in enumerate(overlap) if lo <= o < hi or (hi == edges[-1] and o == hi)]
         if not pick:
             continue
-        ppl = {}
-        for name, rows in models.items():
-            nll = sum(rows[seqs[i]][0] for i in pick)
-            n = sum(rows[seqs[i]][1] for i in pick)
-            ppl[name] = math.exp(nll / n)
+        nll = {m: np.array([rows[seqs[i]][0] for i in pick]) for m, rows in models.items()}
+        n = np.array([models["retro-fit"][seqs[i]][1] for i in pick], dtype=float)
+        ppl = {m: math.exp(v.sum() / n.sum()) for m, v in nll.items()}
+
+        def rel(a: str, b: str) -> str:     # paired sequence bootstrap, as `retro report`
+            d = paired_difference(nll[a], nll[b], n, n, agg=PPL)
+            return f"{100 * d.rel:+.2f}% [{100 * d.rel_lo:+.2f}, {100 * d.rel_hi:+.2f}]"
+
         print(f"| [{lo:g}, {hi:g}) | {len(pick)} | {overlap[pick].mean():.3f} | "
               + " | ".join(f"{ppl[m]:.2f}" for m in models)
-              + f" | {100 * (ppl['retro-fit'] / ppl['gpt-fit'] - 1):+.1f}% | "
-              f"{100 * (ppl['gate 0'] / ppl['retro-fit'] - 1):+.1f}% |")
+              + f" | {rel('retro-fit', 'gpt-fit')} | {rel('gate 0', 'retro-fit')} |")
 
 
 if __name__ == "__main__":
