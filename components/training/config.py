@@ -216,8 +216,9 @@ class TrainSettings(StrictModel):
     """`auto`: bf16 where the worker's hardware computes bf16 fast (AMX / AVX512-BF16 CPUs,
     CUDA compute capability >= 8.0), else fp32; `bf16` / `fp32` force it. bf16 runs forward
     and backward on bf16 parameter copies (FSDP2: its MixedPrecisionPolicy); master weights,
-    gradients, optimizer state and the loss stay fp32 (training/precision_policy.py). An `auto` artifact made on a bf16 machine
-    is bf16 for everyone sharing the store: pin it when that matters (docs/precision.md)."""
+    gradients, optimizer state and the loss stay fp32 (training/precision_policy.py). An
+    `auto` artifact made on a bf16 machine is bf16 for everyone sharing the store: pin it when
+    that matters (docs/precision.md)."""
 
 
 class RunSettings(TrainSettings):
