@@ -103,27 +103,44 @@ def _compute(p: StagePayload, store: ArtifactStore) -> dict[str, Any]:
 
 def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest,
                       on_result: Any = None) -> list:
-    """Run `fn` over `items` as Ray tasks, at most `res.num_workers` at a time, in order;
-    `on_result(i, result)` as each one finishes."""
+    """Run `fn` over `items` on `res.num_workers` Ray tasks; results in the items' order,
+    `on_result(i, result)` as each item finishes.
+
+    Each worker is one task that keeps its CPUs for the whole map: worker w runs items w,
+    w + n, w + 2n, ... and yields each result as it is made (a streaming generator). With one
+    task per item, a CPU freed between two items went to whatever stage had queued meanwhile:
+    the embed stage of rag-eval-smollm2 lost its second worker to the QA evaluations for its
+    whole run (docs/benchmarks.md). The worker never calls ray.get: Ray lends a blocked
+    task's CPUs to queued tasks, the very thing this avoids."""
     import ray
 
     if not ray.is_initialized():
         return serial_map(fn, items, on_result)
-    task = ray.remote(fn).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
-                                  max_retries=0)
-    results, inflight = {}, {}
-
-    def collect(refs: list) -> None:
-        for ref in refs:
-            i = inflight.pop(ref)
-            results[i] = ray.get(ref)
+    task = ray.remote(_run_items).options(num_cpus=res.cpus_per_worker,
+                                          num_gpus=res.gpus_per_worker, max_retries=0)
+    n = min(res.num_workers, len(items))
+    workers = [task.remote(fn, [(i, items[i]) for i in range(w, len(items), n)])
+               for w in range(n)]
+    results: dict[int, Any] = {}
+    try:
+        while workers:
+            ready = ray.wait(workers, num_returns=1)[0][0]
+            try:
+                i, result = ray.get(next(ready))
+            except StopIteration:
+                workers.remove(ready)
+                continue
+            results[i] = result
             if on_result is not None:
-                on_result(i, results[i])
-
-    for i, item in enumerate(items):
-        if len(inflight) >= res.num_workers:
-            collect(ray.wait(list(inflight), num_returns=1)[0])
-        inflight[task.remote(item)] = i
-    while inflight:
-        collect(ray.wait(list(inflight), num_returns=1)[0])
+                on_result(i, result)
+    except BaseException:
+        for w in workers:  # a failed item fails the map: stop the other workers
+            ray.cancel(w, force=True)
+        raise
     return [results[i] for i in range(len(items))]
+
+
+def _run_items(fn: Any, items: list[tuple[int, Any]]):
+    """One worker: `(i, fn(item))` for each of its items, in turn."""
+    for i, item in items:
+        yield i, fn(item)

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -185,8 +186,8 @@ def test_secret_env_values_stay_out_of_run_files_and_store(tmp_path):
     assert len(done_keys(tmp_path / "runs")) == 3
 
 
-def _square_item_0_last(job):
-    """Item 0 waits until the last item has run, so it finishes after all the others."""
+def _square_item_0_after(job):
+    """Item 0 waits until item `last` has run, so it finishes after it."""
     x, marker, last = job
     deadline = time.time() + 120                       # fail, never hang, if run serially
     while x == 0 and not os.path.exists(marker) and time.time() < deadline:
@@ -202,9 +203,71 @@ def test_ray_parallel_map_reports_each_item_as_it_finishes_and_keeps_order(tmp_p
     from retro.platform.spec.model import ResourceRequest
 
     seen = []
-    jobs = [(x, str(tmp_path / "last-ran"), 4) for x in range(5)]
-    out = _ray_parallel_map(_square_item_0_last, jobs,
+    # item 3 is the other worker's last (worker w runs items w, w + 2, ...)
+    jobs = [(x, str(tmp_path / "3-ran"), 3) for x in range(5)]
+    out = _ray_parallel_map(_square_item_0_after, jobs,
                             ResourceRequest(num_workers=2, cpus_per_worker=0.5),
                             lambda i, r: seen.append((i, r)))
     assert out == [0, 1, 4, 9, 16]                      # results keep the items' order
-    assert seen[-1] == (0, 0) and sorted(seen) == [(i, i * i) for i in range(5)]
+    assert seen.index((0, 0)) > seen.index((3, 9))      # reported as they finish
+    assert sorted(seen) == [(i, i * i) for i in range(5)]
+
+
+def _sleep_then_stamp(job):
+    """Note which process runs the item, sleep, then record when it ended."""
+    x, folder = job
+    Path(folder, f"pid-{os.getpid()}").touch()
+    time.sleep(0.4)
+    Path(folder, f"item-{x}").write_text(repr(time.time()))
+    return x
+
+
+def _fail_on_item_2(job):
+    if job == 2:
+        raise ValueError("item 2 is bad")
+    time.sleep(0.1)
+    return job
+
+
+def test_ray_parallel_map_keeps_its_cpus_between_items(tmp_path, ray_session):
+    """A 1-CPU task queued while a 2-worker map runs on the 2 CPUs starts only after the map:
+    the map's workers keep their CPUs from one item to the next. (With a task per item the
+    queued task took the CPU freed by the first item, and the map ran on one worker.)"""
+    import threading
+
+    import ray
+
+    from retro.platform.execute import _ray_parallel_map
+    from retro.platform.spec.model import ResourceRequest
+
+    started = tmp_path / "competitor-started"
+
+    def competitor():
+        deadline = time.time() + 60
+        while len(list(tmp_path.glob("pid-*"))) < 2 and time.time() < deadline:
+            time.sleep(0.01)  # queue it once both of the map's workers hold a CPU
+        ray.get(ray.remote(lambda: started.write_text(repr(time.time())))
+                .options(num_cpus=1).remote())
+
+    thread = threading.Thread(target=competitor)
+    thread.start()
+    out = _ray_parallel_map(_sleep_then_stamp, [(x, str(tmp_path)) for x in range(6)],
+                            ResourceRequest(num_workers=2, cpus_per_worker=1))
+    thread.join(timeout=60)
+    assert out == list(range(6))
+    ends = [float((tmp_path / f"item-{x}").read_text()) for x in range(6)]
+    assert float(started.read_text()) >= max(ends) - 0.05
+
+
+def test_ray_parallel_map_raises_the_first_failure_and_stops_the_workers(tmp_path,
+                                                                         ray_session):
+    import ray
+
+    from retro.platform.execute import _ray_parallel_map
+    from retro.platform.spec.model import ResourceRequest
+
+    with pytest.raises(Exception, match="item 2 is bad"):
+        _ray_parallel_map(_fail_on_item_2, list(range(40)),
+                          ResourceRequest(num_workers=2, cpus_per_worker=1))
+    # the CPUs are free again: a 2-CPU task runs at once
+    assert ray.get(ray.remote(lambda: 7).options(num_cpus=2).remote(), timeout=30) == 7
