@@ -106,21 +106,20 @@ def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest,
     """Run `fn` over `items` on `res.num_workers` Ray tasks; results in the items' order,
     `on_result(i, result)` as each item finishes.
 
-    Each worker is one task that keeps its CPUs for the whole map: worker w runs items w,
-    w + n, w + 2n, ... and yields each result as it is made (a streaming generator). With one
-    task per item, a CPU freed between two items went to whatever stage had queued meanwhile:
-    the embed stage of rag-eval-smollm2 lost its second worker to the QA evaluations for its
-    whole run (docs/benchmarks.md). The worker never calls ray.get: Ray lends a blocked
-    task's CPUs to queued tasks, the very thing this avoids."""
+    Each worker is one task that keeps its CPUs for the whole map and takes the next item from
+    a shared feed (an actor) when it finishes one; a streaming generator yields each result.
+    With one task per item, a CPU freed between two items went to whatever stage had queued
+    meanwhile: the embed stage of rag-eval-smollm2 lost its second worker to the QA
+    evaluations for its whole run (docs/benchmarks.md)."""
     import ray
 
     if not ray.is_initialized():
         return serial_map(fn, items, on_result)
-    task = ray.remote(_run_items).options(num_cpus=res.cpus_per_worker,
-                                          num_gpus=res.gpus_per_worker, max_retries=0)
-    n = min(res.num_workers, len(items))
-    workers = [task.remote(fn, [(i, items[i]) for i in range(w, len(items), n)])
-               for w in range(n)]
+    feed = ray.remote(_Feed).options(num_cpus=0).remote(len(items))
+    task = ray.remote(_pull_items).options(num_cpus=res.cpus_per_worker,
+                                           num_gpus=res.gpus_per_worker, max_retries=0)
+    shared = ray.put(items)
+    workers = [task.remote(fn, shared, feed) for _ in range(min(res.num_workers, len(items)))]
     results: dict[int, Any] = {}
     try:
         while workers:
@@ -137,10 +136,35 @@ def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest,
         for w in workers:  # a failed item fails the map: stop the other workers
             ray.cancel(w, force=True)
         raise
+    finally:
+        ray.kill(feed)
     return [results[i] for i in range(len(items))]
 
 
-def _run_items(fn: Any, items: list[tuple[int, Any]]):
-    """One worker: `(i, fn(item))` for each of its items, in turn."""
-    for i, item in items:
-        yield i, fn(item)
+class _Feed:
+    """Hands out item indices, each once, to whichever worker asks (an actor with 0 CPUs)."""
+
+    def __init__(self, n: int):
+        self.next_index, self.n = 0, n
+
+    def take(self) -> int | None:
+        if self.next_index >= self.n:
+            return None
+        self.next_index += 1
+        return self.next_index - 1
+
+
+def _pull_items(fn: Any, items: list, feed: Any):
+    """One worker: `(i, fn(items[i]))` for each index the feed gives it, until none is left.
+
+    The next index is asked for before the current item runs, so the answer is there when
+    the item ends and `ray.get` does not block: Ray lends a blocked task's CPUs to queued
+    tasks, which would hand them to another stage between two items."""
+    import ray
+
+    i = ray.get(feed.take.remote())
+    while i is not None:
+        ahead = feed.take.remote()
+        result = fn(items[i])
+        yield i, result
+        i = ray.get(ahead)
