@@ -115,11 +115,13 @@ def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest,
 
     if not ray.is_initialized():
         return serial_map(fn, items, on_result)
-    feed = ray.remote(_Feed).options(num_cpus=0).remote(len(items))
+    n = min(res.num_workers, len(items))
+    feed = ray.remote(_Feed).options(num_cpus=0).remote(n, len(items))
+    ray.get(feed.__ray_ready__.remote())  # started, so no worker waits on it (see _pull_items)
     task = ray.remote(_pull_items).options(num_cpus=res.cpus_per_worker,
                                            num_gpus=res.gpus_per_worker, max_retries=0)
     shared = ray.put(items)
-    workers = [task.remote(fn, shared, feed) for _ in range(min(res.num_workers, len(items)))]
+    workers = [task.remote(fn, shared, feed, first) for first in range(n)]
     results: dict[int, Any] = {}
     try:
         while workers:
@@ -142,10 +144,11 @@ def _ray_parallel_map(fn: Any, items: list, res: ResourceRequest,
 
 
 class _Feed:
-    """Hands out item indices, each once, to whichever worker asks (an actor with 0 CPUs)."""
+    """Hands out item indices from `start` on, each once, to whichever worker asks (an actor
+    with 0 CPUs); worker w starts with item w."""
 
-    def __init__(self, n: int):
-        self.next_index, self.n = 0, n
+    def __init__(self, start: int, n: int):
+        self.next_index, self.n = start, n
 
     def take(self) -> int | None:
         if self.next_index >= self.n:
@@ -154,15 +157,17 @@ class _Feed:
         return self.next_index - 1
 
 
-def _pull_items(fn: Any, items: list, feed: Any):
-    """One worker: `(i, fn(items[i]))` for each index the feed gives it, until none is left.
+def _pull_items(fn: Any, items: list, feed: Any, first: int):
+    """One worker: `(i, fn(items[i]))` for item `first`, then for each index the feed gives
+    it, until none is left.
 
     The next index is asked for before the current item runs, so the answer is there when
-    the item ends and `ray.get` does not block: Ray lends a blocked task's CPUs to queued
-    tasks, which would hand them to another stage between two items."""
+    the item ends and `ray.get` does not wait: Ray lends a waiting task's CPUs to queued
+    tasks, which would hand them to another stage between two items (or, before the first
+    item, while the feed actor starts)."""
     import ray
 
-    i = ray.get(feed.take.remote())
+    i: int | None = first
     while i is not None:
         ahead = feed.take.remote()
         result = fn(items[i])
