@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from retro.components.devices import module_device
+
 
 @dataclass
 class Generation:
@@ -181,7 +183,7 @@ def generate(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int = 
 
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    device = module_device(model)
     old_gate, was_training = model.gate, model.training
     if gate is not None:
         model.gate = gate

@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from retro.components.devices import module_device
+
 Retrieve = Optional[Callable[[str], Any]]
 
 
@@ -91,7 +93,7 @@ class CachedRetro:
 
         self.model, self.b = model, batch
         self.m = model.config.chunk_length
-        self.device = next(model.parameters()).device
+        self.device = module_device(model)
         self.cache = DynamicCache(config=model.decoder.config)
         self.real = torch.zeros((batch, 0), dtype=torch.bool, device=self.device)
         self.n_real = [0] * batch
